@@ -1,0 +1,1 @@
+"""devnet: the local multi-process network, its scenarios, and the benchmarks."""

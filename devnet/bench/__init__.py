@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print a table; ratios are measured side by side in one run."""

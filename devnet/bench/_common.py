@@ -1,0 +1,65 @@
+"""Shared pieces of the benchmarks: the reference random model, timing, and table printing."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# The ~125M-parameter Llama the issues benchmark on: hidden 768, 12 layers, GQA 12/4.
+REF_125M = dict(
+    model_type="llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+    num_attention_heads=12, num_key_value_heads=4, vocab_size=32000,
+    max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-5,
+)
+
+
+def random_hf_checkpoint(folder: Path, spec: dict[str, Any] = REF_125M, seed: int = 0) -> Path:
+    """Write a random `transformers` checkpoint (fp32) once; reuse it when it exists."""
+    if (folder / "config.json").is_file():
+        return folder
+    import transformers
+
+    spec = dict(spec)
+    config = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(folder)
+    return folder
+
+
+def best_of(fn: Callable[[], Any], repeats: int) -> float:
+    """Fastest wall time of `repeats` calls: the least disturbed by a noisy machine."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table, right-aligned numbers, for terminals and closing notes alike."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if n and i else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)

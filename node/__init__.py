@@ -1,0 +1,1 @@
+"""node: the daemon, the inference service, the client SDK and routing, and the CLI."""

@@ -1,0 +1,49 @@
+"""sharding: a Llama-family engine that runs any contiguous span of a checkpoint's stages."""
+
+from sharding._checkpoint import Checkpoint, TensorInfo
+from sharding._codecs import BLOCK, CODECS, Encoded, decode, encode, error_bound, payload_size
+from sharding._config import ModelConfig, RopeScaling
+from sharding._errors import (
+    CheckpointError,
+    CodecError,
+    ConfigError,
+    PositionError,
+    ShardingError,
+    SpanError,
+)
+from sharding._export import hf_config, save_checkpoint
+from sharding._families import FAMILIES, Family
+from sharding._kvcache import KVCache
+from sharding._span import Span, pick_device, torch_dtype
+from sharding._tokenizer import Tokenizer
+from sharding.embedded import EMBEDDED_MODEL
+
+__all__ = [
+    "BLOCK",
+    "CODECS",
+    "EMBEDDED_MODEL",
+    "FAMILIES",
+    "Checkpoint",
+    "CheckpointError",
+    "CodecError",
+    "ConfigError",
+    "Encoded",
+    "Family",
+    "KVCache",
+    "ModelConfig",
+    "PositionError",
+    "RopeScaling",
+    "ShardingError",
+    "Span",
+    "SpanError",
+    "TensorInfo",
+    "Tokenizer",
+    "decode",
+    "encode",
+    "error_bound",
+    "hf_config",
+    "pick_device",
+    "payload_size",
+    "save_checkpoint",
+    "torch_dtype",
+]

@@ -1,0 +1,234 @@
+"""The decoder itself, in plain torch: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Each stage of a model is one module here: `Embedding` (stage 0), `Block` (stages 1..L) and
+`Head` (stage L+1). Weights are held fused the way a lean decode loop wants them (one
+query/key/value matrix, one gate/up matrix), so a decode step is four matrix-vector products per
+block; `from_weights`/`weights` convert to and from the checkpoint's separate tensors.
+
+Shapes: B = batch (sessions), T = new tokens, S = cached + new positions, C = hidden size,
+H = query heads, K = key/value heads, D = head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sharding._config import ModelConfig, RopeScaling
+from sharding._kvcache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 like the reference implementation."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=weight.is_floating_point())
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    """RoPE's inverse frequencies (D/2,), with linear or Llama-3 scaling applied."""
+    dim = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv
+    if scaling.kind == "linear":
+        return inv / scaling.factor
+    return _llama3_scaling(inv, scaling)
+
+
+def _llama3_scaling(inv: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's rule: slow frequencies divided by `factor`, fast kept, a blend between."""
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (B, 1, T, D) for integer `positions` of shape (B, T)."""
+    freqs = positions.to(torch.float32)[..., None] * inv_freq  # (B, T, D/2)
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, T, D) by the position tables; the half-split (GPT-NeoX) layout."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(
+    num_new: int, num_keys: int, position: int, window: int | None, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean (T, S) mask for queries at `position..position+T` over keys `0..S`, or None.
+
+    None means every key is visible (a single decode token inside the window), which lets
+    attention skip the mask entirely.
+    """
+    if num_new == 1 and (window is None or num_keys <= window):
+        return None
+    q_pos = torch.arange(position, position + num_new, device=device)[:, None]
+    k_pos = torch.arange(num_keys, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with a fused QKV projection."""
+
+    def __init__(self, config: ModelConfig, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None,
+                 wo: torch.Tensor, bo: torch.Tensor | None) -> None:
+        super().__init__()
+        self.config = config
+        self.w_qkv = nn.Parameter(w_qkv)
+        self.b_qkv = None if b_qkv is None else nn.Parameter(b_qkv)
+        self.wo = nn.Parameter(wo)
+        self.bo = None if bo is None else nn.Parameter(bo)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+        caches: Sequence[KVCache] | None,
+    ) -> torch.Tensor:
+        c = self.config
+        B, T, _ = x.shape
+        H, K, D = c.num_heads, c.num_kv_heads, c.head_dim
+        qkv = F.linear(x, self.w_qkv, self.b_qkv)  # (B, T, (H + 2K) * D)
+        q, k, v = torch.split(qkv, [H * D, K * D, K * D], dim=-1)
+        q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)  # (B, H, T, D)
+        k = apply_rope(k.view(B, T, K, D).transpose(1, 2), cos, sin)  # (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        if caches is None:  # a whole sequence from position 0, no cache (training, oracle)
+            y = self._attend(q, k, v, 0)
+        else:
+            outs = []
+            for b, cache in enumerate(caches):
+                pos = cache.length
+                keys, values = cache.write(layer, pos, k[b : b + 1], v[b : b + 1])  # (1,K,S,D)
+                outs.append(self._attend(q[b : b + 1], keys, values, pos))
+            y = outs[0] if B == 1 else torch.cat(outs)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H * D)
+        return F.linear(y, self.wo, self.bo)  # (B, T, C)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor:
+        T, S = q.shape[2], k.shape[2]
+        window = self.config.sliding_window
+        gqa = self.config.num_heads != self.config.num_kv_heads
+        if pos == 0 and T == S and (window is None or window >= S):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        mask = attention_mask(T, S, pos, window, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward with a fused gate/up projection."""
+
+    def __init__(self, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> None:
+        super().__init__()
+        self.w_gate_up = nn.Parameter(w_gate_up)
+        self.w_down = nn.Parameter(w_down)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.w_gate_up).chunk(2, dim=-1)  # (B, T, I) each
+        return F.linear(F.silu(gate) * up, self.w_down)  # (B, T, C)
+
+
+class Block(nn.Module):
+    """One decoder block: pre-norm attention and pre-norm SwiGLU, each with a residual."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        w = weights
+        bias = (
+            torch.cat((w["bq"], w["bk"], w["bv"])) if config.qkv_bias else None
+        )
+        self.attn_norm = RMSNorm(w["attn_norm"], config.rms_norm_eps)
+        self.attn = Attention(
+            config, torch.cat((w["wq"], w["wk"], w["wv"])), bias, w["wo"], w.get("bo")
+        )
+        self.mlp_norm = RMSNorm(w["mlp_norm"], config.rms_norm_eps)
+        self.mlp = MLP(torch.cat((w["w_gate"], w["w_up"])), w["w_down"])
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+        caches: Sequence[KVCache] | None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, layer, caches)  # (B, T, C)
+        out: torch.Tensor = x + self.mlp(self.mlp_norm(x))  # (B, T, C)
+        return out
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The block's tensors under our logical names, split back into checkpoint shapes."""
+        c = self.attn.config
+        sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
+                 c.num_kv_heads * c.head_dim]
+        qkv = torch.split(self.attn.w_qkv.detach(), sizes)
+        out = dict(zip(("wq", "wk", "wv"), qkv, strict=True))
+        if self.attn.b_qkv is not None:
+            bias = torch.split(self.attn.b_qkv.detach(), sizes)
+            out |= zip(("bq", "bk", "bv"), bias, strict=True)
+        if self.attn.bo is not None:
+            out["bo"] = self.attn.bo.detach()
+        gate, up = self.mlp.w_gate_up.detach().chunk(2)
+        out |= {
+            "attn_norm": self.attn_norm.weight.detach(), "wo": self.attn.wo.detach(),
+            "mlp_norm": self.mlp_norm.weight.detach(), "w_gate": gate, "w_up": up,
+            "w_down": self.mlp.w_down.detach(),
+        }
+        return out
+
+
+class Embedding(nn.Module):
+    """Stage 0: token ids (B, T) to hidden states (B, T, C)."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.embed = nn.Parameter(weights["embed"])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = F.embedding(ids, self.embed)  # (B, T, C)
+        return out
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {"embed": self.embed.detach()}
+
+
+class Head(nn.Module):
+    """Stage L+1: final norm and LM head, hidden states (B, T, C) to logits (B, T, V)."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor],
+                 tied: nn.Parameter | None = None) -> None:
+        super().__init__()
+        self.norm = RMSNorm(weights["norm"], config.rms_norm_eps)
+        # A tied head shares the embedding's parameter when both stages live in one module
+        # (training); a span holding only the head gets its own copy of that tensor.
+        self.lm_head = tied if tied is not None else nn.Parameter(weights["lm_head"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(x), self.lm_head)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {"norm": self.norm.weight.detach(), "lm_head": self.lm_head.detach()}

@@ -1,0 +1,210 @@
+"""`Span`: a contiguous range `[start, end)` of a model's stages, loaded and runnable.
+
+Stage 0 is the embedding, stages 1..L the decoder blocks, stage L+1 the final norm and LM head.
+A span starting at 0 takes token ids (B, T); any other span takes hidden states (B, T, C). A
+span ending at L+2 returns logits (B, T, V); any other returns hidden states. Chaining spans
+`[0, a) [a, b) [b, L+2)` computes exactly what the whole model computes.
+
+Every input is checked before compute: dtype, shape, token range, and the KV cache's position
+contract (see `KVCache`). Errors are `SpanError` / `PositionError`, never an `assert`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import cast
+
+import torch
+from torch import nn
+
+from sharding._checkpoint import Checkpoint
+from sharding._config import ModelConfig
+from sharding._errors import PositionError, SpanError
+from sharding._kvcache import KVCache
+from sharding._model import Block, Embedding, Head, inverse_frequencies, rope_tables
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """The device to compute on: `name` if given, else CUDA when present, else the CPU."""
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Torch dtype for a config spelling ("float32", "bfloat16", "float16")."""
+    try:
+        return _TORCH_DTYPES[name]
+    except KeyError:
+        raise SpanError(
+            f"unsupported dtype {name!r} (supported: {', '.join(_TORCH_DTYPES)})"
+        ) from None
+
+
+class Span(nn.Module):
+    """Stages `[start, end)` of one model, with the code to run them."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(
+        self, config: ModelConfig, start: int, end: int,
+        stage_weights: Mapping[int, dict[str, torch.Tensor]],
+    ) -> None:
+        super().__init__()
+        if not (0 <= start < end <= config.num_stages):
+            raise SpanError(
+                f"span [{start}, {end}) is outside the model's stages [0, {config.num_stages})"
+            )
+        self.config = config
+        self.start, self.end = start, end
+        self.embedding = Embedding(stage_weights[0]) if start == 0 else None
+        self.blocks = nn.ModuleList(
+            Block(config, stage_weights[s])
+            for s in range(max(start, 1), min(end, config.head_stage))
+        )
+        self.head: Head | None = None
+        if end == config.num_stages:
+            tied = (self.embedding.embed
+                    if config.tie_word_embeddings and self.embedding is not None else None)
+            self.head = Head(config, stage_weights[config.head_stage], tied=tied)
+        first = next(iter(stage_weights.values()))
+        any_weight = next(iter(first.values()))
+        self.dtype = any_weight.dtype
+        self.device = any_weight.device
+        self.register_buffer("inv_freq", inverse_frequencies(config).to(self.device),
+                             persistent=False)
+        self.model_id: str | None = None
+
+    @classmethod
+    def load(
+        cls, checkpoint: Checkpoint | str | os.PathLike[str], start: int, end: int, *,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> Span:
+        """Load stages `[start, end)` from a checkpoint folder, reading only their tensors.
+
+        Every stage is validated (names, shapes, dtypes) before any weight is read.
+        """
+        ckpt = (checkpoint if isinstance(checkpoint, Checkpoint)
+                else Checkpoint.open(Path(checkpoint)))
+        ckpt.check_span(start, end)
+        for stage in range(start, end):
+            ckpt.stage_tensors(stage)
+        dev = device if isinstance(device, torch.device) else pick_device(device)
+        dt = dtype or torch_dtype(ckpt.config.dtype)
+        weights = {s: ckpt.load_stage(s, dtype=dt, device=dev) for s in range(start, end)}
+        span = cls(ckpt.config, start, end, weights).requires_grad_(False).eval()
+        return span
+
+    # -- inputs and caches ------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def returns_logits(self) -> bool:
+        return self.head is not None
+
+    def new_cache(self, max_length: int) -> KVCache:
+        """A KV cache for one session on this span, holding up to `max_length` positions."""
+        if not 0 < max_length <= self.config.max_position_embeddings:
+            raise PositionError(
+                f"max_length {max_length} must be in 1..{self.config.max_position_embeddings}"
+            )
+        c = self.config
+        return KVCache(num_layers=self.num_blocks, num_kv_heads=c.num_kv_heads,
+                       head_dim=c.head_dim, max_length=max_length, dtype=self.dtype,
+                       device=self.device)
+
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Validate an input for this span; return it on the span's device and dtype."""
+        c = self.config
+        if self.embedding is not None:
+            if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
+                raise SpanError(
+                    f"span [{self.start}, {self.end}) takes token ids (B, T) as int64, "
+                    f"got {x.dtype} {list(x.shape)}"
+                )
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= c.vocab_size):
+                raise SpanError(f"token ids must be in [0, {c.vocab_size})")
+            return x.to(device=self.device, dtype=torch.int64)
+        if x.dim() != 3 or x.shape[-1] != c.hidden_size or not x.is_floating_point():
+            raise SpanError(
+                f"span [{self.start}, {self.end}) takes hidden states (B, T, {c.hidden_size}) "
+                f"as floats, got {x.dtype} {list(x.shape)}"
+            )
+        return x.to(device=self.device, dtype=self.dtype)
+
+    # -- compute ----------------------------------------------------------------------------
+
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False
+    ) -> torch.Tensor:
+        """Run the span on one session's step.
+
+        Args:
+            x: token ids (B, T) for a span starting at stage 0, else hidden states (B, T, C).
+            cache: this session's cache; the step starts at `cache.length`. Without one, `x` is
+                a whole sequence from position 0 (B may then be > 1).
+            last_only: for a span ending with the head, compute logits for the last position
+                only (what a decode loop needs).
+        """
+        if cache is None:
+            return self._run(self.check_input(x), None, last_only)
+        if x.shape[0] != 1:
+            raise SpanError(f"a cached step carries one session, got batch {x.shape[0]}")
+        return self._run(self.check_input(x), [cache], last_only)
+
+    def forward_batch(
+        self, x: torch.Tensor, caches: Sequence[KVCache], *, last_only: bool = False
+    ) -> torch.Tensor:
+        """One step of several sessions in one forward: row b of `x` continues `caches[b]`.
+
+        Sessions may sit at different positions; they must take the same number of new tokens
+        (decode steps take one each).
+        """
+        if x.shape[0] != len(caches) or not caches:
+            raise SpanError(f"batch of {x.shape[0]} rows for {len(caches)} caches")
+        if len({id(c) for c in caches}) != len(caches):
+            raise SpanError("a cache appears twice in one batch")
+        return self._run(self.check_input(x), list(caches), last_only)
+
+    def _run(self, x: torch.Tensor, caches: list[KVCache] | None, last_only: bool) -> torch.Tensor:
+        T = x.shape[1]
+        if caches is None:
+            if self.config.max_position_embeddings < T:
+                raise PositionError(f"{T} tokens exceed max_position_embeddings "
+                                    f"{self.config.max_position_embeddings}")
+            positions = torch.arange(T, device=self.device)[None]  # (1, T)
+        else:
+            for cache in caches:
+                cache.check_step(cache.length, T)
+            base = torch.tensor([c.length for c in caches], device=self.device)
+            positions = base[:, None] + torch.arange(T, device=self.device)  # (B, T)
+        if self.embedding is not None:
+            x = self.embedding(x)  # (B, T, C)
+        if self.blocks:
+            cos, sin = rope_tables(self.inv_freq, positions, x.dtype)  # (B, 1, T, D)
+            for layer, block in enumerate(self.blocks):
+                x = block(x, cos, sin, layer, caches)
+        if self.head is not None:
+            x = self.head(x[:, -1:] if last_only else x)  # (B, T, V)
+        if caches is not None:
+            for cache in caches:
+                cache.length += T
+        return x
+
+    def stage_weights(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Each stage's tensors under our logical names (to save a checkpoint)."""
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        if self.embedding is not None:
+            out[0] = self.embedding.weights()
+        for i, block in enumerate(self.blocks):
+            out[max(self.start, 1) + i] = cast(Block, block).weights()
+        if self.head is not None:
+            out[self.config.head_stage] = self.head.weights()
+        return out
