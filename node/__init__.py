@@ -1,1 +1,65 @@
 """node: the daemon, the inference service, the client SDK and routing, and the CLI."""
+
+from node._routing import (
+    BanEntry,
+    BanList,
+    BanPolicy,
+    CostModel,
+    Hop,
+    NoRouteError,
+    Route,
+    RouteRequest,
+    TrustPenalty,
+    find_route,
+    format_stages,
+    no_trust_penalty,
+    route_cost,
+)
+from node._sampling import (
+    InvalidLogitsError,
+    Sampler,
+    SamplingParams,
+    StopCheck,
+    check_stop,
+    token_probabilities,
+)
+from node._snapshots import PeerSnapshot, PeerState, StageSpan
+from node._span_choice import (
+    SpanDoesNotFitError,
+    choose_span,
+    per_stage_throughput,
+    should_rebalance,
+    stage_memory_bytes,
+    startup_jitter_s,
+)
+
+__all__ = [
+    "BanEntry",
+    "BanList",
+    "BanPolicy",
+    "CostModel",
+    "Hop",
+    "InvalidLogitsError",
+    "NoRouteError",
+    "PeerSnapshot",
+    "PeerState",
+    "Route",
+    "RouteRequest",
+    "Sampler",
+    "SamplingParams",
+    "SpanDoesNotFitError",
+    "StageSpan",
+    "StopCheck",
+    "TrustPenalty",
+    "check_stop",
+    "choose_span",
+    "find_route",
+    "format_stages",
+    "no_trust_penalty",
+    "per_stage_throughput",
+    "route_cost",
+    "should_rebalance",
+    "stage_memory_bytes",
+    "startup_jitter_s",
+    "token_probabilities",
+]

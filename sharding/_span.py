@@ -109,24 +109,41 @@ class Span(nn.Module):
     def returns_logits(self) -> bool:
         return self.head is not None
 
-    def new_cache(self, max_length: int) -> KVCache:
-        """A KV cache for one session on this span, holding up to `max_length` positions."""
+    def stages(self, stages: tuple[int, int] | None) -> tuple[int, int]:
+        """Validate a sub-range of this span's stages (default: all of them)."""
+        if stages is None:
+            return self.start, self.end
+        a, b = stages
+        if not (isinstance(a, int) and isinstance(b, int) and self.start <= a < b <= self.end):
+            raise SpanError(
+                f"stages [{a}, {b}) are not inside this span [{self.start}, {self.end})"
+            )
+        return a, b
+
+    def _block_range(self, a: int, b: int) -> range:
+        """Indices into `self.blocks` of the blocks among stages `[a, b)`."""
+        first = max(self.start, 1)
+        return range(max(a, 1) - first, min(b, self.config.head_stage) - first)
+
+    def new_cache(self, max_length: int, stages: tuple[int, int] | None = None) -> KVCache:
+        """A KV cache for one session on this span (or on a sub-range of its stages)."""
         if not 0 < max_length <= self.config.max_position_embeddings:
             raise PositionError(
                 f"max_length {max_length} must be in 1..{self.config.max_position_embeddings}"
             )
         c = self.config
-        return KVCache(num_layers=self.num_blocks, num_kv_heads=c.num_kv_heads,
-                       head_dim=c.head_dim, max_length=max_length, dtype=self.dtype,
-                       device=self.device)
+        return KVCache(num_layers=len(self._block_range(*self.stages(stages))),
+                       num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                       max_length=max_length, dtype=self.dtype, device=self.device)
 
-    def check_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Validate an input for this span; return it on the span's device and dtype."""
+    def check_input(self, x: torch.Tensor, stages: tuple[int, int] | None = None) -> torch.Tensor:
+        """Validate an input for stages `[a, b)`; return it on the span's device and dtype."""
         c = self.config
-        if self.embedding is not None:
+        a, b = self.stages(stages)
+        if a == 0:
             if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
                 raise SpanError(
-                    f"span [{self.start}, {self.end}) takes token ids (B, T) as int64, "
+                    f"stages [{a}, {b}) take token ids (B, T) as int64, "
                     f"got {x.dtype} {list(x.shape)}"
                 )
             if x.numel() and (int(x.min()) < 0 or int(x.max()) >= c.vocab_size):
@@ -134,7 +151,7 @@ class Span(nn.Module):
             return x.to(device=self.device, dtype=torch.int64)
         if x.dim() != 3 or x.shape[-1] != c.hidden_size or not x.is_floating_point():
             raise SpanError(
-                f"span [{self.start}, {self.end}) takes hidden states (B, T, {c.hidden_size}) "
+                f"stages [{a}, {b}) take hidden states (B, T, {c.hidden_size}) "
                 f"as floats, got {x.dtype} {list(x.shape)}"
             )
         return x.to(device=self.device, dtype=self.dtype)
@@ -142,39 +159,46 @@ class Span(nn.Module):
     # -- compute ----------------------------------------------------------------------------
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False
+        self, x: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
+        stages: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Run the span on one session's step.
+        """Run the span (or stages `[a, b)` of it) on one session's step.
 
         Args:
-            x: token ids (B, T) for a span starting at stage 0, else hidden states (B, T, C).
+            x: token ids (B, T) when the stages start at 0, else hidden states (B, T, C).
             cache: this session's cache; the step starts at `cache.length`. Without one, `x` is
                 a whole sequence from position 0 (B may then be > 1).
-            last_only: for a span ending with the head, compute logits for the last position
-                only (what a decode loop needs).
+            last_only: when the stages end with the head, compute logits for the last
+                position only (what a decode loop needs).
+            stages: a sub-range of this span's stages; the cache must have been made for it.
         """
+        a, b = self.stages(stages)
         if cache is None:
-            return self._run(self.check_input(x), None, last_only)
+            return self._run(self.check_input(x, (a, b)), None, last_only, a, b)
         if x.shape[0] != 1:
             raise SpanError(f"a cached step carries one session, got batch {x.shape[0]}")
-        return self._run(self.check_input(x), [cache], last_only)
+        return self._run(self.check_input(x, (a, b)), [cache], last_only, a, b)
 
     def forward_batch(
-        self, x: torch.Tensor, caches: Sequence[KVCache], *, last_only: bool = False
+        self, x: torch.Tensor, caches: Sequence[KVCache], *, last_only: bool = False,
+        stages: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """One step of several sessions in one forward: row b of `x` continues `caches[b]`.
 
         Sessions may sit at different positions; they must take the same number of new tokens
-        (decode steps take one each).
+        (decode steps take one each) and run the same stages.
         """
+        a, b = self.stages(stages)
         if x.shape[0] != len(caches) or not caches:
             raise SpanError(f"batch of {x.shape[0]} rows for {len(caches)} caches")
         if len({id(c) for c in caches}) != len(caches):
             raise SpanError("a cache appears twice in one batch")
-        return self._run(self.check_input(x), list(caches), last_only)
+        return self._run(self.check_input(x, (a, b)), list(caches), last_only, a, b)
 
-    def _run(self, x: torch.Tensor, caches: list[KVCache] | None, last_only: bool) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, caches: list[KVCache] | None, last_only: bool,
+             a: int, b: int) -> torch.Tensor:
         T = x.shape[1]
+        blocks = self._block_range(a, b)
         if caches is None:
             if self.config.max_position_embeddings < T:
                 raise PositionError(f"{T} tokens exceed max_position_embeddings "
@@ -182,16 +206,19 @@ class Span(nn.Module):
             positions = torch.arange(T, device=self.device)[None]  # (1, T)
         else:
             for cache in caches:
+                if cache.keys.shape[0] != len(blocks):
+                    raise SpanError(f"cache holds {cache.keys.shape[0]} blocks, "
+                                    f"stages [{a}, {b}) have {len(blocks)}")
                 cache.check_step(cache.length, T)
             base = torch.tensor([c.length for c in caches], device=self.device)
             positions = base[:, None] + torch.arange(T, device=self.device)  # (B, T)
-        if self.embedding is not None:
+        if a == 0 and self.embedding is not None:
             x = self.embedding(x)  # (B, T, C)
-        if self.blocks:
+        if blocks:
             cos, sin = rope_tables(self.inv_freq, positions, x.dtype)  # (B, 1, T, D)
-            for layer, block in enumerate(self.blocks):
-                x = block(x, cos, sin, layer, caches)
-        if self.head is not None:
+            for layer, index in enumerate(blocks):
+                x = self.blocks[index](x, cos, sin, layer, caches)
+        if b == self.config.num_stages and self.head is not None:
             x = self.head(x[:, -1:] if last_only else x)  # (B, T, V)
         if caches is not None:
             for cache in caches:

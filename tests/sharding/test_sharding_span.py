@@ -140,3 +140,20 @@ def test_model_id_is_a_content_hash_cached_beside_the_data(
     assert Checkpoint.open(other).model_id != model_id  # weights do
     manifest = ckpt.manifest()
     assert len(manifest["stages"]) == ckpt.config.num_stages
+
+
+def test_a_sub_range_of_a_span_runs_like_a_span_of_its_own(hf_checkpoint: Factory) -> None:
+    _, folder = hf_checkpoint("llama3")
+    big = Span.load(folder, 0, 5)
+    ids = _ids(101, 7)
+    with torch.no_grad():
+        h = Span.load(folder, 0, 2)(ids)
+        expected = Span.load(folder, 2, 4)(h)
+        cache = big.new_cache(16, stages=(2, 4))
+        assert cache.keys.shape[0] == 2
+        got = big(h, cache, stages=(2, 4))
+        assert torch.equal(got, expected)
+        with pytest.raises(SpanError, match="cache holds 2 blocks"):
+            big(h[:, :1], cache, stages=(1, 4))
+    with pytest.raises(SpanError, match="not inside this span"):
+        Span.load(folder, 1, 3).new_cache(4, stages=(0, 2))
