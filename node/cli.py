@@ -1,4 +1,8 @@
-"""The `shardnet` command line: one subcommand per job (`demo` for now; more as they land)."""
+"""The `shardnet` command line: one subcommand per job.
+
+`demo` runs the main job; `generate` streams a completion (`--local`: the whole model in this
+process, the reference the network path must match).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,61 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
 
 from sharding import EMBEDDED_MODEL
+
+if TYPE_CHECKING:
+    from node._sampling import SamplingParams
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _params(args: argparse.Namespace) -> SamplingParams:
+    from node._sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed, max_new_tokens=args.max_new_tokens,
+                          stop=tuple(args.stop))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from node._generate import GenerationStats
+    from node._sampling import SamplingParams
+    from node._textgen import LocalModel
+
+    torch.set_num_threads(args.threads)
+    params = _params(args)
+    if not isinstance(params, SamplingParams):  # pragma: no cover - _params builds one
+        raise TypeError(params)
+    if not args.local:
+        print("shardnet generate: the network path needs --bootstrap (see `shardnet node run`);"
+              " use --local to run the whole model here", file=sys.stderr)
+        return 2
+    model = LocalModel(args.model, device=args.device)
+    stats = GenerationStats()
+
+    async def run() -> None:
+        async for piece in model.generate(args.prompt, params, stats):
+            print(piece, end="", flush=True)
+
+    trio.run(run)
+    print(f"\n[local {model.checkpoint.model_id[:12]}: {stats.new_tokens} tokens, "
+          f"first token {stats.first_token_s * 1000:.0f} ms, "
+          f"{stats.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -22,7 +79,7 @@ def _demo(args: argparse.Namespace) -> int:
     n = ckpt.config.num_stages
     cuts = [0, n // 3, 2 * n // 3, n]
     bounds = list(zip(cuts, cuts[1:], strict=False))
-    spans = [Span.load(ckpt, a, b, dtype=torch.float32) for a, b in bounds]
+    spans = [Span.load(ckpt, a, b) for a, b in bounds]
     tok = Tokenizer.from_folder(args.model)
     ids = tok.encode(args.prompt)
     caches = [s.new_cache(len(ids) + args.max_new_tokens) for s in spans]
@@ -59,13 +116,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `shardnet` console script."""
     parser = argparse.ArgumentParser(prog="shardnet", description="Run LLMs across peers.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="generate from the embedded model through a span chain")
+
+    demo = sub.add_parser("demo", help="the main job: generate through a chain of spans")
     demo.add_argument("--model", type=Path, default=EMBEDDED_MODEL)
     demo.add_argument("--prompt", default="The list type")
     demo.add_argument("--max-new-tokens", type=int, default=120)
     demo.add_argument("--codec", default="int8-block", choices=["raw", "fp16", "int8-block"])
     demo.add_argument("--threads", type=int, default=2)
     demo.set_defaults(func=_demo)
+
+    gen = sub.add_parser("generate", help="stream a completion for a prompt")
+    _sampling_args(gen)
+    gen.add_argument("--local", action="store_true", help="run the whole model in this process")
+    gen.add_argument("--model", type=Path, default=EMBEDDED_MODEL)
+    gen.add_argument("--device", default=None)
+    gen.add_argument("--threads", type=int, default=2)
+    gen.set_defaults(func=_generate)
+
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -14,7 +14,7 @@ from sharding._errors import (
 from sharding._export import hf_config, save_checkpoint
 from sharding._families import FAMILIES, Family
 from sharding._kvcache import KVCache
-from sharding._span import Span, pick_device, torch_dtype
+from sharding._span import Span, compute_dtype, pick_device, torch_dtype
 from sharding._tokenizer import Tokenizer
 from sharding.embedded import EMBEDDED_MODEL
 
@@ -38,6 +38,7 @@ __all__ = [
     "SpanError",
     "TensorInfo",
     "Tokenizer",
+    "compute_dtype",
     "decode",
     "encode",
     "error_bound",

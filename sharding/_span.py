@@ -35,6 +35,15 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def compute_dtype(config_dtype: str, device: torch.device) -> torch.dtype:
+    """The dtype to compute in: the checkpoint's on a GPU, float32 on the CPU.
+
+    CPUs without bf16 matrix units run half-precision matmuls slower than fp32 and lose
+    accuracy, so a CPU node upcasts once at load time; a GPU keeps the checkpoint's dtype.
+    """
+    return torch_dtype(config_dtype) if device.type == "cuda" else torch.float32
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """Torch dtype for a config spelling ("float32", "bfloat16", "float16")."""
     try:
@@ -94,7 +103,7 @@ class Span(nn.Module):
         for stage in range(start, end):
             ckpt.stage_tensors(stage)
         dev = device if isinstance(device, torch.device) else pick_device(device)
-        dt = dtype or torch_dtype(ckpt.config.dtype)
+        dt = dtype or compute_dtype(ckpt.config.dtype, dev)
         weights = {s: ckpt.load_stage(s, dtype=dt, device=dev) for s in range(start, end)}
         span = cls(ckpt.config, start, end, weights).requires_grad_(False).eval()
         return span

@@ -46,7 +46,7 @@ def test_half_precision_checkpoints_are_as_accurate_as_transformers(
     dtype: torch.dtype, hf_checkpoint: Callable[..., tuple[Any, Path]]
 ) -> None:
     model, folder = hf_checkpoint("llama3", dtype=dtype)
-    span = Span.load(folder, 0, 5, device="cpu")
+    span = Span.load(folder, 0, 5, device="cpu", dtype=dtype)
     assert span.dtype == dtype
     exact = Span.load(folder, 0, 5, device="cpu", dtype=torch.float32)  # same weights, fp32
     ids = _tokens(101, 12)

@@ -1,0 +1,1 @@
+"""ledger: receipts, hash-chained bilateral blocks, SQLite store, sync (future issues)."""

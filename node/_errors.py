@@ -1,0 +1,35 @@
+"""The node package's errors: one root, and refusals that say whether to retry."""
+
+from __future__ import annotations
+
+
+class NodeError(Exception):
+    """Root of every error the node package raises on purpose."""
+
+
+class RefusedError(NodeError):
+    """A server refused a request; `code` names why, `retryable` says if another try may work.
+
+    Codes: `busy` (session or cache limits; retry later or elsewhere), `closing` (the node is
+    draining), `wrong-model`, `wrong-span`, `bad-request` (malformed or out-of-contract input),
+    `position` (a step that breaks the cache's position contract), `no-session`.
+    """
+
+    def __init__(self, code: str, detail: str, *, retryable: bool = False) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+        self.retryable = retryable
+
+
+class HopFailedError(NodeError):
+    """A hop of a route stopped answering or broke its stream (the client fails over)."""
+
+    def __init__(self, peer_id: str, detail: str) -> None:
+        super().__init__(f"peer {peer_id[:16]}: {detail}")
+        self.peer_id = peer_id
+        self.detail = detail
+
+
+class GenerationError(NodeError):
+    """A generation could not complete; the message is one line for the user."""

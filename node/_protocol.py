@@ -1,0 +1,98 @@
+"""Messages of the inference service (`/shardnet/inference/1`), as frozen dataclasses.
+
+A client opens one session stream per hop and speaks:
+
+    client -> OpenSession            server -> SessionOpened | Refusal
+    client -> Step (position, input) server -> StepOutput | Refusal
+    ...                              (a Refusal to a step leaves the session usable unless the
+                                      stream is then closed by the server)
+
+Token ids travel as an int64 `raw` tensor (B=1, T); hidden states as (1, T, C) in the
+session's codec; logits as (1, T or 1, V) `raw`. Everything is validated by the p2p message
+layer (types, sizes) and then by the server against the session (shapes, positions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from p2p import Message, Tensor, WireLimits, message
+
+PROTOCOL = "/shardnet/inference/1"
+SESSION_ID_BYTES = 16
+_MAX_TEXT = 512
+
+
+@message("shardnet.OpenSession", 1)
+@dataclass(frozen=True, slots=True)
+class OpenSession(Message):
+    """Open a session on stages `[start, end)` of `model_id`, up to `max_length` positions."""
+
+    session_id: bytes
+    model_id: str
+    start: int
+    end: int
+    max_length: int
+    codec: str = "int8-block"
+
+    def validate(self, limits: WireLimits) -> None:
+        if len(self.session_id) != SESSION_ID_BYTES:
+            raise ValueError(f"session_id must be {SESSION_ID_BYTES} bytes")
+        if not 0 < len(self.model_id) <= 128:
+            raise ValueError("model_id length out of range")
+        if not 0 <= self.start < self.end:
+            raise ValueError("span must satisfy 0 <= start < end")
+        if self.max_length <= 0:
+            raise ValueError("max_length must be positive")
+        if len(self.codec) > 32:
+            raise ValueError("codec name too long")
+
+
+@message("shardnet.SessionOpened", 1)
+@dataclass(frozen=True, slots=True)
+class SessionOpened(Message):
+    """The server holds a KV cache for the session; `dtype` is what it computes in."""
+
+    session_id: bytes
+    dtype: str
+
+
+@message("shardnet.Step", 1)
+@dataclass(frozen=True, slots=True)
+class Step(Message):
+    """Run the session's stages on `input` at `position` (roll back first if asked)."""
+
+    step: int
+    position: int
+    input: Tensor
+    rollback: bool = False
+    last_only: bool = False
+
+    def validate(self, limits: WireLimits) -> None:
+        if self.step < 0 or self.position < 0:
+            raise ValueError("step and position must be >= 0")
+
+
+@message("shardnet.StepOutput", 1)
+@dataclass(frozen=True, slots=True)
+class StepOutput(Message):
+    """The output of one step, and how long the server computed it."""
+
+    step: int
+    position: int
+    output: Tensor
+    compute_s: float = 0.0
+
+
+@message("shardnet.Refusal", 1)
+@dataclass(frozen=True, slots=True)
+class Refusal(Message):
+    """A typed refusal (see `RefusedError` for the codes)."""
+
+    code: str
+    detail: str = ""
+    retryable: bool = False
+
+    def validate(self, limits: WireLimits) -> None:
+        if not 0 < len(self.code) <= 32 or len(self.detail) > _MAX_TEXT:
+            raise ValueError("refusal code/detail length out of range")

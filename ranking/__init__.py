@@ -1,0 +1,1 @@
+"""ranking: evidence from receipts, personalised trust, G-Rank gossip (future issues)."""
