@@ -12,7 +12,7 @@ back until they resolve, so what was shown never has to be taken back.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -46,7 +46,7 @@ class GenerationStats:
 async def generate_ids(
     forward: Forward, prompt_ids: Sequence[int], sampler: Sampler, *, eos_id: int | None,
     stats: GenerationStats | None = None,
-) -> AsyncIterator[int]:
+) -> AsyncGenerator[int, None]:
     """Yield sampled token ids: one prefill of the prompt, then one step per token."""
     if not prompt_ids:
         raise GenerationError("the prompt is empty")
@@ -76,7 +76,7 @@ async def generate_ids(
 async def generate_text(
     forward: Forward, tokenizer: Tokenizer, prompt: str, params: SamplingParams, *,
     eos_id: int | None, stats: GenerationStats | None = None,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """Yield text pieces as they become final (whole characters, stop strings cut)."""
     sampler = Sampler(params)
     ids: list[int] = []

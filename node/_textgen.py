@@ -7,7 +7,7 @@ handy tool for scripts.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from pathlib import Path
 
@@ -45,7 +45,7 @@ class LocalModel:
         self.eos_id = eos_id(self.tokenizer, self.folder)
 
     async def generate(self, prompt: str, params: SamplingParams,
-                       stats: GenerationStats | None = None) -> AsyncIterator[str]:
+                       stats: GenerationStats | None = None) -> AsyncGenerator[str, None]:
         """Stream text for `prompt` (sampling as the network client does)."""
         max_length = len(self.tokenizer.encode(prompt)) + params.max_new_tokens
         stages = LocalStages(self.span, max_length=max_length)
