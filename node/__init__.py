@@ -1,5 +1,9 @@
 """node: the daemon, the inference service, the client SDK and routing, and the CLI."""
 
+from node._client import Client, ClientConfig, RunInfo, generate_blocking
+from node._daemon import NodeConfig, run_node
+from node._errors import GenerationError, HopFailedError, NodeError, RefusedError
+from node._generate import GenerationStats
 from node._routing import (
     BanEntry,
     BanList,
@@ -34,6 +38,17 @@ from node._span_choice import (
 )
 
 __all__ = [
+    "Client",
+    "ClientConfig",
+    "GenerationError",
+    "GenerationStats",
+    "HopFailedError",
+    "NodeConfig",
+    "NodeError",
+    "RefusedError",
+    "RunInfo",
+    "generate_blocking",
+    "run_node",
     "BanEntry",
     "BanList",
     "BanPolicy",

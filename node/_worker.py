@@ -76,6 +76,8 @@ class SpanWorker:
         self.sessions: dict[bytes, WorkerSession] = {}
         self.limiter = trio.CapacityLimiter(1)
         self.accepting = True
+        self._idle = trio.Event()
+        self._idle.set()
         self._steps = 0
         self._tokens = 0
         self._compute_s = 0.0
@@ -111,11 +113,19 @@ class SpanWorker:
         session = WorkerSession(req.session_id, req.start, req.end, req.max_length, req.codec,
                                 cache)
         self.sessions[req.session_id] = session
+        if self._idle.is_set():
+            self._idle = trio.Event()
         return session
 
     def close(self, session_id: bytes) -> None:
         """Forget a session and free its cache (idempotent)."""
         self.sessions.pop(session_id, None)
+        if not self.sessions:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no session is open (a draining node waits for this)."""
+        await self._idle.wait()
 
     # -- steps -------------------------------------------------------------------------------
 

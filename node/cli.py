@@ -133,6 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--threads", type=int, default=2)
     gen.set_defaults(func=_generate)
 
+    from devnet.cli import add_devnet_parser
+    from node._node_cli import add_node_parser
+
+    add_node_parser(sub)
+    add_devnet_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -1,0 +1,309 @@
+"""The client SDK: `async with Client(bootstrap=[...]) as c: async for text in c.generate(...)`.
+
+Theory of operation
+-------------------
+A client joins the overlay as a host that serves nothing, watches the model's announcements
+(`SwarmSource`), and for each generation:
+
+1. tokenizes the prompt locally and works out the stages it needs from peers: `[1, L+1)` when
+   it holds the checkpoint (it then runs the embedding and the head itself, so the prompt text
+   and the sampled tokens never leave the machine), else `[0, L+2)`;
+2. routes them (`find_route`: Dijkstra over peers x stages, RTT + serialization + compute +
+   queueing + trust), waiting a bounded time for the swarm to cover the model, and naming the
+   missing stages if it never does;
+3. opens one session per hop — tasks in the client's own nursery, so a hop's streams outlive
+   no client and no generator — and runs the generation loop of `_generate` over them, sampling
+   every token here.
+
+Every hop's failure surfaces as `HopFailedError`/`RefusedError` from the step that met it; the
+generation turns it into a one-line `GenerationError`. Sessions are closed (and so the servers'
+caches freed) when the generation ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import time
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import AsyncExitStack, aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import trio
+
+from node._errors import GenerationError, HopFailedError, RefusedError
+from node._generate import GenerationStats, generate_text
+from node._hop import RemoteHop
+from node._local import LocalStages
+from node._routing import BanList, NoRouteError, Route, RouteRequest, find_route, format_stages
+from node._sampling import SamplingParams
+from node._snapshots import PeerSnapshot
+from node._textgen import eos_id
+from p2p import Host, HostConfig, Identity, PeerId, SessionConfig, open_host
+from sharding import EMBEDDED_MODEL, Checkpoint, ModelConfig, Span, Tokenizer
+
+
+class SwarmSource(Protocol):
+    """What the client needs to know of the swarm (an adapter over p2p announcements)."""
+
+    def snapshots(self) -> list[PeerSnapshot]:
+        """The live, verified peers of the model, as routing snapshots."""
+        ...
+
+    def addrs(self, peer_id: str) -> tuple[str, ...]:
+        """Transport addresses a peer announced."""
+        ...
+
+    async def wait_changed(self) -> None:
+        """Return when the set of announcements may have changed."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """How a client connects and what it asks of peers."""
+
+    bootstrap: tuple[str, ...] = ()
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    mdns: bool = False
+    codec: str = "int8-block"
+    local_stages: bool = True
+    route_timeout_s: float = 30.0
+    step_timeout_s: float = 60.0
+    dead_after_s: float = 5.0
+    threads: int | None = None
+
+
+@dataclass(slots=True)
+class RunInfo:
+    """What the last generation did: its route and timings (for the CLI summary)."""
+
+    route: Route | None = None
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    local_stages: tuple[tuple[int, int], ...] = ()
+
+    def describe_route(self) -> str:
+        parts = [f"local[{a},{b})" for a, b in self.local_stages if a == 0]
+        if self.route is not None:
+            parts += [f"{h.peer_id[-8:]}[{h.start},{h.end})" for h in self.route.hops]
+        parts += [f"local[{a},{b})" for a, b in self.local_stages if a != 0]
+        return " -> ".join(parts)
+
+
+class Client:
+    """A client of the swarm for one model."""
+
+    def __init__(self, *, bootstrap: Sequence[str] = (), model: str | os.PathLike[str] | None
+                 = EMBEDDED_MODEL, model_id: str | None = None,
+                 config: ClientConfig | None = None, swarm: SwarmSource | None = None,
+                 host: Host | None = None) -> None:
+        self.config = config or ClientConfig()
+        if bootstrap:
+            self.config = dataclasses.replace(self.config, bootstrap=tuple(bootstrap))
+        self.folder = Path(model) if model is not None else None
+        if self.folder is None:
+            raise GenerationError("a client needs a model folder (tokenizer and config)")
+        self.tokenizer = Tokenizer.from_folder(self.folder)
+        self.eos_id = eos_id(self.tokenizer, self.folder)
+        self._checkpoint: Checkpoint | None = None
+        has_weights = any(self.folder.glob("*.safetensors"))
+        if has_weights:
+            self._checkpoint = Checkpoint.open(self.folder)
+            self.model_config: ModelConfig = self._checkpoint.config
+            self.model_id = model_id or self._checkpoint.model_id
+        else:
+            if model_id is None:
+                raise GenerationError("without the weights, pass model_id")
+            self.model_config = ModelConfig.from_hf(_read_json(self.folder / "config.json"))
+            self.model_id = model_id
+        self._swarm = swarm
+        self._host = host
+        self._embed: Span | None = None
+        self._head: Span | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stack: AsyncExitStack | None = None
+        self.bans = BanList()
+        self.limiter = trio.CapacityLimiter(1)
+        self.last = RunInfo()
+
+    async def __aenter__(self) -> Client:
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            if self.config.threads:
+                torch.set_num_threads(self.config.threads)
+            if self._host is None:
+                self._host = await stack.enter_async_context(open_host(
+                    Identity.generate(),
+                    HostConfig(listen_addrs=self.config.listen, bootstrap=self.config.bootstrap,
+                               enable_mdns=self.config.mdns)))
+            if self._swarm is None:
+                from node._swarm import AnnouncementSwarm
+
+                self._swarm = await stack.enter_async_context(
+                    AnnouncementSwarm.watch(self._host, self.model_id))
+            if self._checkpoint is not None and self.config.local_stages:
+                n = self.model_config.num_stages
+                self._embed = await trio.to_thread.run_sync(Span.load, self._checkpoint, 0, 1)
+                self._head = await trio.to_thread.run_sync(Span.load, self._checkpoint, n - 1, n)
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            await stack.aclose()
+
+    @property
+    def host(self) -> Host:
+        if self._host is None:
+            raise GenerationError("the client is not running (use `async with Client(...)`)")
+        return self._host
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def _needed(self) -> tuple[int, int]:
+        n = self.model_config.num_stages
+        return (1, n - 1) if self._embed is not None else (0, n)
+
+    async def route(self, max_length: int, tokens: int) -> Route:
+        """A route for the stages this client needs, waiting a bounded time for coverage."""
+        swarm = self._swarm
+        if swarm is None:
+            raise GenerationError("the client is not running")
+        first, last = self._needed()
+        request = RouteRequest(model_id=self.model_id, first=first, last=last,
+                               tokens_in_flight=max(1, tokens), cache_tokens=max_length)
+        error: NoRouteError | None = None
+        with trio.move_on_after(self.config.route_timeout_s):
+            while True:
+                try:
+                    return find_route(swarm.snapshots(), request=request,
+                                      banned=self.bans.banned(now=time.monotonic()))
+                except NoRouteError as exc:
+                    error = exc
+                await swarm.wait_changed()
+        missing = format_stages(error.missing_stages) if error is not None else "?"
+        raise GenerationError(f"no peer serves stages {missing} of model {self.model_id[:12]} "
+                              f"after {self.config.route_timeout_s:.0f} s") from error
+
+    # -- generation --------------------------------------------------------------------------
+
+    async def _open_hops(self, route: Route, max_length: int) -> list[RemoteHop]:
+        nursery = self._nursery
+        swarm = self._swarm
+        if nursery is None or swarm is None:
+            raise GenerationError("the client is not running")
+        c = self.model_config
+        session_id = secrets.token_bytes(16)
+        hops: list[RemoteHop] = []
+        for hop in route.hops:
+            remote = RemoteHop(
+                self.host, peer=PeerId.from_string(hop.peer_id), addrs=swarm.addrs(hop.peer_id),
+                start=hop.start, end=hop.end, model_id=self.model_id, max_length=max_length,
+                codec=self.config.codec, session_id=session_id, hidden_size=c.hidden_size,
+                vocab_size=c.vocab_size, num_stages=c.num_stages,
+                session_config=SessionConfig(dead_after=self.config.dead_after_s))
+            try:
+                await nursery.start(remote.run)
+            except (HopFailedError, RefusedError):
+                for opened in hops:
+                    opened.aclose()
+                raise
+            hops.append(remote)
+        return hops
+
+    async def generate(
+        self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+        top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> AsyncGenerator[str, None]:
+        """Stream the completion of `prompt`, text piece by text piece."""
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                max_new_tokens=max_new_tokens, stop=tuple(stop))
+        prompt_ids = self.tokenizer.encode(prompt)
+        max_length = len(prompt_ids) + max_new_tokens
+        if max_length > self.model_config.max_position_embeddings:
+            raise GenerationError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"the model's {self.model_config.max_position_embeddings} positions")
+        info = RunInfo()
+        self.last = info
+        route = await self.route(max_length, len(prompt_ids))
+        info.route = route
+        try:
+            hops = await self._open_hops(route, max_length)
+        except (HopFailedError, RefusedError) as exc:
+            self._failed(exc)
+            raise GenerationError(f"could not open the route: {exc}") from exc
+        local: list[LocalStages] = []
+        n = self.model_config.num_stages
+        if self._embed is not None and self._head is not None:
+            local = [LocalStages(self._embed, max_length=max_length, limiter=self.limiter),
+                     LocalStages(self._head, max_length=max_length, limiter=self.limiter)]
+            info.local_stages = ((0, 1), (n - 1, n))
+
+        async def forward(position: int, ids: torch.Tensor) -> torch.Tensor:
+            x = ids
+            if local:
+                x = await local[0].step(position, x, last_only=False)
+            for hop in hops:
+                with trio.fail_after(self.config.step_timeout_s):
+                    x = await hop.step(position, x, last_only=hop.returns_logits)
+            if local:
+                x = await local[1].step(position, x[:, -1:], last_only=True)
+            return x[0, -1].float()
+
+        try:
+            pieces = generate_text(forward, self.tokenizer, prompt, params, eos_id=self.eos_id,
+                                   stats=info.stats)
+            async with aclosing(pieces):
+                async for piece in pieces:
+                    yield piece
+        except (HopFailedError, RefusedError) as exc:
+            self._failed(exc)
+            raise GenerationError(str(exc)) from exc
+        except trio.TooSlowError as exc:
+            raise GenerationError(f"a hop did not answer within "
+                                  f"{self.config.step_timeout_s:.0f} s") from exc
+        finally:
+            for hop in hops:
+                hop.aclose()
+
+    def _failed(self, exc: HopFailedError | RefusedError) -> None:
+        if isinstance(exc, HopFailedError):
+            self.bans = self.bans.record_failure(exc.peer_id, now=time.monotonic())
+
+    async def generate_text(self, prompt: str, **kwargs: object) -> str:
+        """The whole completion as one string."""
+        pieces = self.generate(prompt, **kwargs)  # type: ignore[arg-type]
+        async with aclosing(pieces):
+            return "".join([p async for p in pieces])
+
+
+def generate_blocking(prompt: str, *, bootstrap: Sequence[str],
+                      model: str | os.PathLike[str] = EMBEDDED_MODEL, **kwargs: object) -> str:
+    """A blocking convenience for scripts: connect, generate, disconnect."""
+
+    async def run() -> str:
+        async with Client(bootstrap=bootstrap, model=model) as client:
+            return await client.generate_text(prompt, **kwargs)
+
+    return trio.run(run)
+
+
+def _read_json(path: Path) -> dict[str, object]:
+    import json
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise GenerationError(f"{path}: not a JSON object")
+    return data

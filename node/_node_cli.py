@@ -1,0 +1,92 @@
+"""`shardnet node run|bootstrap` (also `python -m node run|bootstrap`): the daemon's flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node._errors import NodeError
+from node._worker import ServerLimits
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i)?)?B?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'4GB' (decimal) / '512MiB' (binary) / '1000000' (bytes) -> bytes."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GB or 512MiB)")
+    number, unit, binary = match.groups()
+    power = "KMGT".index(unit.upper()) + 1 if unit else 0
+    return int(float(number) * (1024 if binary else 1000) ** power)
+
+
+def add_node_parser(sub: Any) -> None:
+    """Add `node run` and `node bootstrap` under `sub`."""
+    node = sub.add_parser("node", help="run a node daemon or a bootstrap peer")
+    roles = node.add_subparsers(dest="role", required=True)
+    for role in ("run", "bootstrap"):
+        p = roles.add_parser(role, help="serve a span of a model" if role == "run"
+                             else "a DHT/gossip peer that serves no model")
+        p.add_argument("--config", type=Path, help="TOML file (keys = NodeConfig fields)")
+        p.add_argument("--data-dir", type=Path, default=Path.home() / ".shardnet" / "node")
+        p.add_argument("--listen", action="append", help="multiaddr (repeatable)")
+        p.add_argument("--bootstrap", action="append", help="multiaddr /.../p2p/ID (repeatable)")
+        p.add_argument("--no-mdns", action="store_true", help="no LAN discovery")
+        p.add_argument("--log-level", default="INFO")
+        if role == "run":
+            p.add_argument("--model", type=Path, help="checkpoint folder (default: embedded)")
+            p.add_argument("--span", help="'auto' (default) or a:b")
+            p.add_argument("--memory-budget", type=parse_size, help="e.g. 4GB")
+            p.add_argument("--threads", type=int, help="torch threads (default 1)")
+            p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if present)")
+            p.add_argument("--max-sessions", type=int)
+            p.add_argument("--max-cache-tokens", type=int)
+            p.add_argument("--max-length", type=int)
+            p.add_argument("--grace", type=float, help="seconds open sessions may finish")
+        p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from node._daemon import NodeConfig, run_node
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("libp2p", "multiaddr", "async_service"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    overrides: dict[str, Any] = {"data_dir": args.data_dir}
+    if args.listen:
+        overrides["listen"] = tuple(args.listen)
+    if args.bootstrap:
+        overrides["bootstrap"] = tuple(args.bootstrap)
+    if args.no_mdns:
+        overrides["mdns"] = False
+    if args.role == "run":
+        for flag, key in (("model", "model"), ("span", "span"), ("memory_budget",
+                          "memory_budget_bytes"), ("threads", "threads"), ("device", "device"),
+                          ("grace", "grace_s")):
+            if getattr(args, flag) is not None:
+                overrides[key] = getattr(args, flag)
+    try:
+        config = (NodeConfig.from_toml(args.config, **overrides) if args.config
+                  else NodeConfig(**overrides))
+        if args.role == "run":
+            limits = {k: getattr(args, k) for k in ("max_sessions", "max_cache_tokens",
+                                                    "max_length") if getattr(args, k)}
+            if limits:
+                from dataclasses import asdict, replace
+
+                config = replace(config, limits=ServerLimits(**{**asdict(config.limits),
+                                                                **limits}))
+        role = "node" if args.role == "run" else "bootstrap"
+        trio.run(lambda: run_node(config, role=role))
+    except (NodeError, ValueError, OSError) as exc:
+        print(f"shardnet node: {exc}", file=sys.stderr)
+        return 1
+    return 0
