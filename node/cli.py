@@ -1,13 +1,15 @@
 """The `shardnet` command line: one subcommand per job.
 
-`demo` runs the main job; `generate` streams a completion (`--local`: the whole model in this
-process, the reference the network path must match).
+`demo` runs the main job (a 3-node devnet, one prompt through it); `generate` streams a
+completion through the swarm (`--local`: the whole model in this process, the reference the
+network path must match); `node` runs the daemon; `devnet` runs and disturbs a local network.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,76 +41,113 @@ def _params(args: argparse.Namespace) -> SamplingParams:
                           stop=tuple(args.stop))
 
 
+def _bootstrap_addrs(args: argparse.Namespace) -> tuple[str, ...]:
+    """--bootstrap flags, else the bootstrap of the devnet in --devnet DIR (if one runs)."""
+    if args.bootstrap:
+        return tuple(args.bootstrap)
+    from devnet import read_topology
+
+    topology = read_topology(args.devnet)
+    return topology.bootstrap.addrs if topology is not None else ()
+
+
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from node._generate import GenerationStats
-    from node._sampling import SamplingParams
     from node._textgen import LocalModel
 
     torch.set_num_threads(args.threads)
     params = _params(args)
-    if not isinstance(params, SamplingParams):  # pragma: no cover - _params builds one
-        raise TypeError(params)
-    if not args.local:
-        print("shardnet generate: the network path needs --bootstrap (see `shardnet node run`);"
-              " use --local to run the whole model here", file=sys.stderr)
+    if args.local:
+        model = LocalModel(args.model, device=args.device)
+        stats = GenerationStats()
+
+        async def run_local() -> None:
+            async for piece in model.generate(args.prompt, params, stats):
+                print(piece, end="", flush=True)
+
+        trio.run(run_local)
+        print(f"\n[local {model.checkpoint.model_id[:12]}: {stats.new_tokens} tokens, "
+              f"first token {stats.first_token_s * 1000:.0f} ms, "
+              f"{stats.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+        return 0
+    bootstrap = _bootstrap_addrs(args)
+    if not bootstrap:
+        print("shardnet generate: no --bootstrap given and no devnet running in "
+              f"{args.devnet} (start one with `shardnet devnet up`, or use --local)",
+              file=sys.stderr)
         return 2
-    model = LocalModel(args.model, device=args.device)
-    stats = GenerationStats()
+    return trio.run(_generate_network, args, bootstrap, params)
 
-    async def run() -> None:
-        async for piece in model.generate(args.prompt, params, stats):
-            print(piece, end="", flush=True)
 
-    trio.run(run)
-    print(f"\n[local {model.checkpoint.model_id[:12]}: {stats.new_tokens} tokens, "
-          f"first token {stats.first_token_s * 1000:.0f} ms, "
-          f"{stats.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+async def _generate_network(args: argparse.Namespace, bootstrap: tuple[str, ...],
+                            params: SamplingParams) -> int:
+    from node._client import Client, ClientConfig
+    from node._errors import GenerationError
+
+    config = ClientConfig(bootstrap=bootstrap, codec=args.codec,
+                          route_timeout_s=args.route_timeout)
+    try:
+        async with Client(model=args.model, config=config) as client:
+            async for piece in client.generate(
+                    args.prompt, max_new_tokens=params.max_new_tokens,
+                    temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                    seed=params.seed, stop=params.stop):
+                print(piece, end="", flush=True)
+            info = client.last
+    except GenerationError as exc:
+        print(f"\nshardnet generate: {exc}", file=sys.stderr)
+        return 1
+    s = info.stats
+    print(f"\n[route {info.describe_route()}; {s.new_tokens} tokens, first token "
+          f"{s.first_token_s * 1000:.0f} ms, {s.decode_tokens_per_s:.1f} tokens/s]",
+          file=sys.stderr)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Generate from the embedded model through a chain of spans, quantized between them."""
-    import torch
+    """The main job: a 3-node devnet on loopback, one prompt through it, then shut down."""
+    return trio.run(_demo_async, args)
 
-    from sharding import Checkpoint, Span, Tokenizer, decode, encode
 
-    torch.set_num_threads(args.threads)
-    ckpt = Checkpoint.open(args.model)
-    n = ckpt.config.num_stages
-    cuts = [0, n // 3, 2 * n // 3, n]
-    bounds = list(zip(cuts, cuts[1:], strict=False))
-    spans = [Span.load(ckpt, a, b) for a, b in bounds]
-    tok = Tokenizer.from_folder(args.model)
-    ids = tok.encode(args.prompt)
-    caches = [s.new_cache(len(ids) + args.max_new_tokens) for s in spans]
-    print(f"model {ckpt.model_id[:16]}  ({ckpt.config.family}, {ckpt.config.num_layers} blocks)")
-    print("chain: " + " -> ".join(f"[{a},{b})" for a, b in bounds)
-          + f"  codec {args.codec} between spans")
-    print(args.prompt, end="", flush=True)
-    out: list[int] = []
+async def _demo_async(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from devnet import Devnet, DevnetError
+    from node._client import Client, ClientConfig
+    from node._errors import GenerationError
+    from sharding import Checkpoint
+
+    n = Checkpoint.open(args.model).config.num_stages
+    cuts = [0, 1 + (n - 2) // 3, 1 + 2 * (n - 2) // 3, n]
+    spans = [f"{a}:{b}" for a, b in zip(cuts, cuts[1:], strict=False)]
+    print(f"starting a devnet: a bootstrap and 3 nodes serving {', '.join(spans)} of "
+          f"{args.model.name} ...", flush=True)
     started = time.perf_counter()
-    first = 0.0
-    x = torch.tensor([ids])
-    with torch.inference_mode():
-        for _ in range(args.max_new_tokens):
-            h: torch.Tensor = x
-            for i, (span, cache) in enumerate(zip(spans, caches, strict=True)):
-                h = span(h, cache, last_only=True)
-                if i < len(spans) - 1:
-                    h = decode(encode(h, args.codec))
-            nxt = int(h[0, -1].argmax())
-            if not first:
-                first = time.perf_counter() - started
-            if nxt == tok.token_id("<|endoftext|>"):
-                break
-            out.append(nxt)
-            x = torch.tensor([[nxt]])
-    elapsed = time.perf_counter() - started
-    print(tok.decode(out))
-    rate = (len(out) - 1) / (elapsed - first) if len(out) > 1 and elapsed > first else 0.0
-    print(f"\n{len(out)} tokens, time to first token {first * 1000:.0f} ms, {rate:.1f} tokens/s")
+    try:
+        with tempfile.TemporaryDirectory(prefix="shardnet-demo-") as root:
+            async with Devnet(3, root=Path(root), model=args.model, spans=spans) as net:
+                print(f"devnet up in {time.perf_counter() - started:.1f} s:")
+                for i, node in enumerate(net.nodes):
+                    print(f"  node {i}: {node.peer_id[-12:]}  stages {spans[i]}  pid {node.pid}")
+                config = ClientConfig(bootstrap=net.bootstrap_addrs, codec=args.codec)
+                async with Client(model=args.model, config=config) as client:
+                    print(f"\n{args.prompt}", end="", flush=True)
+                    async for piece in client.generate(args.prompt,
+                                                       max_new_tokens=args.max_new_tokens):
+                        print(piece, end="", flush=True)
+                    info = client.last
+                s = info.stats
+                print(f"\n\nroute: {info.describe_route()}  (codec {args.codec})")
+                print(f"{s.prompt_tokens} prompt tokens, {s.new_tokens} new tokens; "
+                      f"time to first token {s.first_token_s * 1000:.0f} ms; "
+                      f"decode {s.decode_tokens_per_s:.1f} tokens/s")
+                print("stopping the devnet ...", flush=True)
+    except (DevnetError, GenerationError) as exc:
+        print(f"shardnet demo: {exc}", file=sys.stderr)
+        return 1
+    print("done: every node drained and exited.")
     return 0
 
 
@@ -122,12 +161,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--prompt", default="The list type")
     demo.add_argument("--max-new-tokens", type=int, default=120)
     demo.add_argument("--codec", default="int8-block", choices=["raw", "fp16", "int8-block"])
-    demo.add_argument("--threads", type=int, default=2)
     demo.set_defaults(func=_demo)
 
     gen = sub.add_parser("generate", help="stream a completion for a prompt")
     _sampling_args(gen)
     gen.add_argument("--local", action="store_true", help="run the whole model in this process")
+    gen.add_argument("--bootstrap", action="append", help="bootstrap multiaddr (repeatable)")
+    gen.add_argument("--devnet", type=Path, default=Path(tempfile.gettempdir())
+                     / "shardnet-devnet", help="use this devnet's bootstrap when no --bootstrap")
+    gen.add_argument("--codec", default="int8-block", choices=["raw", "fp16", "int8-block"])
+    gen.add_argument("--route-timeout", type=float, default=30.0)
     gen.add_argument("--model", type=Path, default=EMBEDDED_MODEL)
     gen.add_argument("--device", default=None)
     gen.add_argument("--threads", type=int, default=2)
