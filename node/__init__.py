@@ -1,7 +1,7 @@
 """node: the daemon, the inference service, the client SDK and routing, and the CLI."""
 
 from node._client import Client, ClientConfig, RunInfo, generate_blocking
-from node._daemon import NodeConfig, run_node
+from node._daemon import NodeConfig, RunningNode, run_node
 from node._errors import GenerationError, HopFailedError, NodeError, RefusedError
 from node._generate import GenerationStats
 from node._routing import (
@@ -47,6 +47,7 @@ __all__ = [
     "NodeError",
     "RefusedError",
     "RunInfo",
+    "RunningNode",
     "generate_blocking",
     "run_node",
     "BanEntry",

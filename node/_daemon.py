@@ -47,6 +47,14 @@ VERSION = "0.1.0"
 
 
 @dataclass(frozen=True, slots=True)
+class RunningNode:
+    """What `run_node` reports once started: its host and (when serving) its worker."""
+
+    host: Host
+    worker: SpanWorker | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """Everything a node daemon is told (flags and/or a TOML file)."""
 
@@ -122,7 +130,7 @@ def _measure_throughput(span: Span) -> float:
 
 
 async def run_node(config: NodeConfig, *, role: str = "node",
-                   task_status: TaskStatus[Host] = trio.TASK_STATUS_IGNORED) -> None:
+                   task_status: TaskStatus[RunningNode] = trio.TASK_STATUS_IGNORED) -> None:
     """Run a node (or a bootstrap) until SIGINT/SIGTERM or cancellation."""
     from node._swarm import AnnouncementSwarm, Announcer, NodeAnnouncement
 
@@ -146,7 +154,7 @@ async def run_node(config: NodeConfig, *, role: str = "node",
         if role == "bootstrap":
             async with AnnouncementSwarm.watch(host, None):  # relay announcements
                 publish_status(state="online")
-                task_status.started(host)
+                task_status.started(RunningNode(host))
                 await stop.wait()
             publish_status(state="stopped")
             nursery.cancel_scope.cancel()
@@ -205,7 +213,7 @@ async def run_node(config: NodeConfig, *, role: str = "node",
             publish_status(state="online")
             logger.info("serving stages [%d, %d) of %s (%.0f tokens/s per stage)", start, end,
                         model_id[:12], throughput)
-            task_status.started(host)
+            task_status.started(RunningNode(host, worker))
             async with trio.open_nursery() as inner:
                 inner.start_soon(announcer.keep_publishing,
                                  lambda: announcement("online"), config.announce_interval_s)

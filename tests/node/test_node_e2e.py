@@ -3,39 +3,16 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from node import GenerationError
 from node._client import Client, ClientConfig
-from node._daemon import NodeConfig, run_node
 from node._sampling import SamplingParams
 from node._textgen import LocalModel
-from p2p import Host
-
-LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
-
-
-@asynccontextmanager
-async def swarm(tmp_path: Path, model: Path, spans: list[str]) -> AsyncIterator[str]:
-    """A bootstrap and one node per span, in this trio run; yields the bootstrap address."""
-    async with trio.open_nursery() as nursery:
-        boot: Host = await nursery.start(lambda task_status: run_node(
-            NodeConfig(data_dir=tmp_path / "boot", listen=LOOPBACK, mdns=False),
-            role="bootstrap", task_status=task_status))
-        addr = boot.listen_addrs()[0]
-        for i, span in enumerate(spans):
-            config = NodeConfig(data_dir=tmp_path / f"n{i}", model=model, span=span,
-                                listen=LOOPBACK, bootstrap=(addr,), mdns=False, jitter_s=0,
-                                swarm_settle_s=0, announce_interval_s=0.5)
-            await nursery.start(lambda task_status, c=config: run_node(c,
-                                                                       task_status=task_status))
-        yield addr
-        nursery.cancel_scope.cancel()
 
 
 async def _local(model: Path, prompt: str, params: SamplingParams) -> str:
@@ -44,14 +21,14 @@ async def _local(model: Path, prompt: str, params: SamplingParams) -> str:
 
 @pytest.mark.parametrize("codec", ["raw", "int8-block"])
 async def test_three_nodes_generate_what_the_single_process_engine_does(
-    tmp_path: Path, tiny_model: Path, codec: str
+    tiny_model: Path, codec: str, loopback_swarm: Any
 ) -> None:
     prompt = "The list type"
     expected = await _local(tiny_model, prompt, SamplingParams(temperature=0,
                                                                max_new_tokens=24))
     with trio.fail_after(60):
-        async with swarm(tmp_path, tiny_model, ["0:2", "2:4", "4:6"]) as boot, \
-                Client(bootstrap=[boot], model=tiny_model,
+        async with loopback_swarm(tiny_model, ["0:2", "2:4", "4:6"]) as net, \
+                Client(bootstrap=[net.bootstrap], model=tiny_model,
                        config=ClientConfig(codec=codec, route_timeout_s=20)) as client:
             text = await client.generate_text(prompt, max_new_tokens=24)
             route = client.last.route
@@ -63,7 +40,9 @@ async def test_three_nodes_generate_what_the_single_process_engine_does(
         assert agree >= 0.5, (text, expected)
 
 
-async def test_a_client_without_weights_sends_token_ids(tmp_path: Path, tiny_model: Path) -> None:
+async def test_a_client_without_weights_sends_token_ids(
+    tmp_path: Path, tiny_model: Path, loopback_swarm: Any
+) -> None:
     light = tmp_path / "light"
     light.mkdir()
     for name in ("config.json", "tokenizer.json"):
@@ -74,8 +53,8 @@ async def test_a_client_without_weights_sends_token_ids(tmp_path: Path, tiny_mod
     params = SamplingParams(temperature=0.8, top_k=20, seed=5, max_new_tokens=16)
     expected = await _local(tiny_model, "def ", params)
     with trio.fail_after(60):
-        async with swarm(tmp_path, tiny_model, ["0:6"]) as boot, \
-                Client(bootstrap=[boot], model=light, model_id=model_id,
+        async with loopback_swarm(tiny_model, ["0:6"]) as net, \
+                Client(bootstrap=[net.bootstrap], model=light, model_id=model_id,
                        config=ClientConfig(codec="raw", route_timeout_s=20)) as client:
             text = await client.generate_text("def ", max_new_tokens=16, temperature=0.8,
                                               top_k=20, seed=5)
@@ -85,19 +64,21 @@ async def test_a_client_without_weights_sends_token_ids(tmp_path: Path, tiny_mod
 
 
 async def test_missing_stages_are_named_after_a_bounded_wait(
-    tmp_path: Path, tiny_model: Path
+    tiny_model: Path, loopback_swarm: Any
 ) -> None:
     with trio.fail_after(60):
-        async with swarm(tmp_path, tiny_model, ["0:3"]) as boot, \
-                Client(bootstrap=[boot], model=tiny_model,
+        async with loopback_swarm(tiny_model, ["0:3"]) as net, \
+                Client(bootstrap=[net.bootstrap], model=tiny_model,
                        config=ClientConfig(route_timeout_s=2)) as client:
             with pytest.raises(GenerationError, match="no peer serves stages 3-4"):
                 await client.generate_text("x", max_new_tokens=4)
 
 
-async def test_prompt_longer_than_the_model_is_refused(tmp_path: Path, tiny_model: Path) -> None:
+async def test_prompt_longer_than_the_model_is_refused(
+    tiny_model: Path, loopback_swarm: Any
+) -> None:
     with trio.fail_after(60):
-        async with swarm(tmp_path, tiny_model, ["0:6"]) as boot, \
-                Client(bootstrap=[boot], model=tiny_model) as client:
+        async with loopback_swarm(tiny_model, ["0:6"]) as net, \
+                Client(bootstrap=[net.bootstrap], model=tiny_model) as client:
             with pytest.raises(GenerationError, match="exceeds the model's 512 positions"):
                 await client.generate_text("x" * 600, max_new_tokens=4)

@@ -1,0 +1,47 @@
+"""A loopback swarm in one trio run: a bootstrap and one node per span."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from node._daemon import NodeConfig, RunningNode, run_node
+
+LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
+
+
+@dataclass
+class Swarm:
+    bootstrap: str
+    nodes: list[RunningNode]
+
+
+SwarmFactory = Callable[..., AbstractAsyncContextManager[Swarm]]
+
+
+@pytest.fixture
+def loopback_swarm(tmp_path: Path) -> SwarmFactory:
+    @asynccontextmanager
+    async def make(model: Path, spans: list[str], **node_kw: Any) -> AsyncIterator[Swarm]:
+        async with trio.open_nursery() as nursery:
+            boot: RunningNode = await nursery.start(lambda task_status: run_node(
+                NodeConfig(data_dir=tmp_path / "boot", listen=LOOPBACK, mdns=False),
+                role="bootstrap", task_status=task_status))
+            addr = boot.host.listen_addrs()[0]
+            nodes = []
+            for i, span in enumerate(spans):
+                config = NodeConfig(data_dir=tmp_path / f"n{i}", model=model, span=span,
+                                    listen=LOOPBACK, bootstrap=(addr,), mdns=False, jitter_s=0,
+                                    swarm_settle_s=0, announce_interval_s=0.5, **node_kw)
+                nodes.append(await nursery.start(
+                    lambda task_status, c=config: run_node(c, task_status=task_status)))
+            yield Swarm(addr, nodes)
+            nursery.cancel_scope.cancel()
+
+    return make
