@@ -26,8 +26,8 @@ import dataclasses
 import os
 import secrets
 import time
-from collections.abc import AsyncGenerator, Sequence
-from contextlib import AsyncExitStack, aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -36,11 +36,11 @@ import torch
 import trio
 
 from node._errors import GenerationError, HopFailedError, RefusedError
-from node._generate import GenerationStats, generate_text
+from node._generate import Forward, GenerationStats, generate_ids, stream_text
 from node._hop import RemoteHop
 from node._local import LocalStages
 from node._routing import BanList, NoRouteError, Route, RouteRequest, find_route, format_stages
-from node._sampling import SamplingParams
+from node._sampling import Sampler, SamplingParams
 from node._snapshots import PeerSnapshot
 from node._textgen import eos_id
 from p2p import Host, HostConfig, Identity, PeerId, SessionConfig, open_host
@@ -221,23 +221,15 @@ class Client:
             hops.append(remote)
         return hops
 
-    async def generate(
-        self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-        top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-        stop: Sequence[str] = (),
-    ) -> AsyncGenerator[str, None]:
-        """Stream the completion of `prompt`, text piece by text piece."""
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                max_new_tokens=max_new_tokens, stop=tuple(stop))
-        prompt_ids = self.tokenizer.encode(prompt)
-        max_length = len(prompt_ids) + max_new_tokens
+    @asynccontextmanager
+    async def _pipeline(self, max_length: int, tokens: int,
+                        info: RunInfo) -> AsyncIterator[Forward]:
+        """Route, open every hop, and yield the `forward` of the generation loop."""
         if max_length > self.model_config.max_position_embeddings:
             raise GenerationError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"prompt ({tokens} tokens) + new tokens ({max_length - tokens}) exceeds "
                 f"the model's {self.model_config.max_position_embeddings} positions")
-        info = RunInfo()
-        self.last = info
-        route = await self.route(max_length, len(prompt_ids))
+        route = await self.route(max_length, tokens)
         info.route = route
         try:
             hops = await self._open_hops(route, max_length)
@@ -263,11 +255,7 @@ class Client:
             return x[0, -1].float()
 
         try:
-            pieces = generate_text(forward, self.tokenizer, prompt, params, eos_id=self.eos_id,
-                                   stats=info.stats)
-            async with aclosing(pieces):
-                async for piece in pieces:
-                    yield piece
+            yield forward
         except (HopFailedError, RefusedError) as exc:
             self._failed(exc)
             raise GenerationError(str(exc)) from exc
@@ -277,6 +265,43 @@ class Client:
         finally:
             for hop in hops:
                 hop.aclose()
+
+    async def generate_ids(
+        self, prompt_ids: Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
+        top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+    ) -> AsyncGenerator[int, None]:
+        """Stream sampled token ids for a tokenized prompt (no stop strings)."""
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                max_new_tokens=max_new_tokens)
+        info = RunInfo()
+        self.last = info
+        async with self._pipeline(len(prompt_ids) + max_new_tokens, len(prompt_ids),
+                                  info) as forward:
+            tokens = generate_ids(forward, prompt_ids, Sampler(params), eos_id=self.eos_id,
+                                  stats=info.stats)
+            async with aclosing(tokens):
+                async for token in tokens:
+                    yield token
+
+    async def generate(
+        self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+        top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> AsyncGenerator[str, None]:
+        """Stream the completion of `prompt`, text piece by text piece."""
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                max_new_tokens=max_new_tokens, stop=tuple(stop))
+        prompt_ids = self.tokenizer.encode(prompt)
+        info = RunInfo()
+        self.last = info
+        async with self._pipeline(len(prompt_ids) + max_new_tokens, len(prompt_ids),
+                                  info) as forward:
+            tokens = generate_ids(forward, prompt_ids, Sampler(params), eos_id=self.eos_id,
+                                  stats=info.stats)
+            pieces = stream_text(tokens, self.tokenizer, params.stop, stats=info.stats)
+            async with aclosing(pieces):
+                async for piece in pieces:
+                    yield piece
 
     def _failed(self, exc: HopFailedError | RefusedError) -> None:
         if isinstance(exc, HopFailedError):

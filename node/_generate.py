@@ -73,21 +73,19 @@ async def generate_ids(
     stats.elapsed_s = time.perf_counter() - stats.started
 
 
-async def generate_text(
-    forward: Forward, tokenizer: Tokenizer, prompt: str, params: SamplingParams, *,
-    eos_id: int | None, stats: GenerationStats | None = None,
+async def stream_text(
+    tokens: AsyncGenerator[int, None], tokenizer: Tokenizer, stop: Sequence[str], *,
+    stats: GenerationStats | None = None,
 ) -> AsyncGenerator[str, None]:
-    """Yield text pieces as they become final (whole characters, stop strings cut)."""
-    sampler = Sampler(params)
+    """Yield text pieces of `tokens` as they become final (whole characters, stops cut)."""
     ids: list[int] = []
     shown = 0
     text = ""
-    tokens = generate_ids(forward, tokenizer.encode(prompt), sampler, eos_id=eos_id, stats=stats)
     async with aclosing(tokens):
         async for token in tokens:
             ids.append(token)
             text = tokenizer.decode(ids)
-            check = check_stop(text, params.stop)
+            check = check_stop(text, stop)
             final = check.emit_until
             while final > shown and text[final - 1] == "\ufffd":  # an unfinished UTF-8 sequence
                 final -= 1
@@ -101,3 +99,13 @@ async def generate_text(
     # The generation ended: whatever was held back for a stop string that never came is final.
     if len(text) > shown:
         yield text[shown:]
+
+
+def generate_text(
+    forward: Forward, tokenizer: Tokenizer, prompt: str, params: SamplingParams, *,
+    eos_id: int | None, stats: GenerationStats | None = None,
+) -> AsyncGenerator[str, None]:
+    """Sample a completion of `prompt` through `forward`, streamed as text."""
+    tokens = generate_ids(forward, tokenizer.encode(prompt), Sampler(params), eos_id=eos_id,
+                          stats=stats)
+    return stream_text(tokens, tokenizer, params.stop, stats=stats)

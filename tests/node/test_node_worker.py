@@ -39,7 +39,7 @@ async def test_steps_through_a_chain_of_workers_match_the_whole_model(tiny_model
     logits = torch.frombuffer(bytearray(out.output.payload), dtype=torch.float32)
     with torch.no_grad():
         expected = whole(ids)
-    assert torch.equal(logits.reshape(expected.shape), expected)
+    assert (logits.reshape(expected.shape) - expected).abs().max().item() <= 1e-5
     assert workers[1].statistics().tokens == 5
 
 
