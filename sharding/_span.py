@@ -61,8 +61,10 @@ class Span(nn.Module):
 
     def __init__(
         self, config: ModelConfig, start: int, end: int,
-        stage_weights: Mapping[int, dict[str, torch.Tensor]],
+        stage_weights: Mapping[int, dict[str, torch.Tensor]], *, share_tied: bool = False,
     ) -> None:
+        """Build from in-memory weights; `share_tied` makes a tied head reuse the embedding
+        parameter (training: one tensor, one gradient) instead of a faster transposed copy."""
         super().__init__()
         if not (0 <= start < end <= config.num_stages):
             raise SpanError(
@@ -77,8 +79,8 @@ class Span(nn.Module):
         )
         self.head: Head | None = None
         if end == config.num_stages:
-            tied = (self.embedding.embed
-                    if config.tie_word_embeddings and self.embedding is not None else None)
+            tied = (self.embedding.embed if share_tied and config.tie_word_embeddings
+                    and self.embedding is not None else None)
             self.head = Head(config, stage_weights[config.head_stage], tied=tied)
         first = next(iter(stage_weights.values()))
         any_weight = next(iter(first.values()))

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"python {sys.version.split()[0]}, torch {torch.__version__}, threads {args.threads}")
     log(f"data: {len(train):,} train bytes, {len(held):,} held-out bytes")
     g = torch.Generator().manual_seed(args.seed)
-    model = Span(CONFIG, 0, CONFIG.num_stages, init_weights(CONFIG, g)).train()
+    model = Span(CONFIG, 0, CONFIG.num_stages, init_weights(CONFIG, g), share_tied=True).train()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params:,} parameters, config {json.dumps(CONFIG.to_dict())}")
     decay = [p for p in model.parameters() if p.dim() >= 2]
