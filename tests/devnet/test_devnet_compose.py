@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEVNET = ROOT / "devnet"
 PROGRAM = ("python", "-m", "node")
 LISTEN = "/ip4/0.0.0.0/tcp/4001"
+# The peer id of devnet/compose/bootstrap-identity.key (a devnet-only key).
+COMPOSE_BOOTSTRAP_ID = "12D3KooWGPrXKLvQdUdpwMLfKe33tAeiWcfWND2cHT7EXQoA7Tcb"
 
 
 def load_compose() -> dict[str, Any]:
@@ -43,12 +47,12 @@ def test_services_run_the_process_devnet_commands() -> None:
     services = load_compose()["services"]
     assert sorted(services) == ["bootstrap", "node-0", "node-1", "node-2"]
     assert services["bootstrap"]["command"] == node_command(
-        role="bootstrap", data_dir=Path("/data"), listen=LISTEN, program=PROGRAM)
+        role="bootstrap", data_dir=Path("/bootstrap-data"), listen=LISTEN, program=PROGRAM)
     for name in ("node-0", "node-1", "node-2"):
         service = services[name]
         assert service["command"] == node_command(
             role="node", data_dir=Path("/data"), listen=LISTEN,
-            bootstrap=["/dns4/bootstrap/tcp/4001"], program=PROGRAM)
+            bootstrap=[f"/dns4/bootstrap/tcp/4001/p2p/{COMPOSE_BOOTSTRAP_ID}"], program=PROGRAM)
         assert service["depends_on"] == {"bootstrap": {"condition": "service_healthy"}}
     for service in services.values():
         command = service["command"]
@@ -56,13 +60,27 @@ def test_services_run_the_process_devnet_commands() -> None:
         assert command[:3] == list(PROGRAM) and command[3] in ("run", "bootstrap")
         assert service["build"] == {"context": "..", "dockerfile": "devnet/Dockerfile"}
         assert service["networks"] == ["devnet"]
-        assert "/data/status.json" in " ".join(service["healthcheck"]["test"])
+        data_dir = service["command"][service["command"].index("--data-dir") + 1]
+        assert f"{data_dir}/status.json" in " ".join(service["healthcheck"]["test"])
+
+
+def test_the_bootstrap_key_file_is_the_identity_nodes_dial() -> None:
+    from p2p import Identity
+
+    key = DEVNET / "compose" / "bootstrap-identity.key"
+    assert key.is_file()
+    assert "install -m 600 devnet/compose/bootstrap-identity.key /bootstrap-data/" in \
+        (DEVNET / "Dockerfile").read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(key, Path(tmp) / "identity.key")
+        (Path(tmp) / "identity.key").chmod(0o600)  # as the Dockerfile installs it
+        assert Identity.load_or_create(tmp).peer_id_str == COMPOSE_BOOTSTRAP_ID
 
 
 def test_every_service_keeps_its_identity_in_its_own_volume() -> None:
     compose = load_compose()
     volumes = [v for s in compose["services"].values() for v in s["volumes"]]
-    assert all(v.endswith(":/data") for v in volumes)
+    assert all(v.endswith((":/data", ":/bootstrap-data")) for v in volumes)
     names = [v.split(":")[0] for v in volumes]
     assert len(set(names)) == len(names) and set(names) == set(compose["volumes"])
 
