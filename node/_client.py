@@ -39,7 +39,15 @@ from node._errors import GenerationError, HopFailedError, RefusedError
 from node._generate import Forward, GenerationStats, generate_ids, stream_text
 from node._hop import RemoteHop
 from node._local import LocalStages
-from node._routing import BanList, NoRouteError, Route, RouteRequest, find_route, format_stages
+from node._routing import (
+    BanList,
+    Hop,
+    NoRouteError,
+    Route,
+    RouteRequest,
+    find_route,
+    format_stages,
+)
 from node._sampling import Sampler, SamplingParams
 from node._snapshots import PeerSnapshot
 from node._textgen import eos_id
@@ -76,6 +84,7 @@ class ClientConfig:
     step_timeout_s: float = 60.0
     dead_after_s: float = 5.0
     threads: int | None = None
+    max_failovers: int = 8
 
 
 @dataclass(slots=True)
@@ -85,6 +94,8 @@ class RunInfo:
     route: Route | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
     local_stages: tuple[tuple[int, int], ...] = ()
+    failovers: int = 0
+    failover_s: float = 0.0
 
     def describe_route(self) -> str:
         parts = [f"local[{a},{b})" for a, b in self.local_stages if a == 0]
@@ -92,6 +103,9 @@ class RunInfo:
             parts += [f"{h.peer_id[-8:]}[{h.start},{h.end})" for h in self.route.hops]
         parts += [f"local[{a},{b})" for a, b in self.local_stages if a != 0]
         return " -> ".join(parts)
+
+
+_HOP_FAILURES = (HopFailedError, RefusedError, trio.TooSlowError)
 
 
 class Client:
@@ -174,12 +188,14 @@ class Client:
         n = self.model_config.num_stages
         return (1, n - 1) if self._embed is not None else (0, n)
 
-    async def route(self, max_length: int, tokens: int) -> Route:
-        """A route for the stages this client needs, waiting a bounded time for coverage."""
+    async def route(self, max_length: int, tokens: int,
+                    stages: tuple[int, int] | None = None) -> Route:
+        """A route for `stages` (default: all this client needs from peers), waiting a bounded
+        time for the swarm to cover them, around banned peers."""
         swarm = self._swarm
         if swarm is None:
             raise GenerationError("the client is not running")
-        first, last = self._needed()
+        first, last = stages or self._needed()
         request = RouteRequest(model_id=self.model_id, first=first, last=last,
                                tokens_in_flight=max(1, tokens), cache_tokens=max_length)
         error: NoRouteError | None = None
@@ -203,13 +219,13 @@ class Client:
         if nursery is None or swarm is None:
             raise GenerationError("the client is not running")
         c = self.model_config
-        session_id = secrets.token_bytes(16)
         hops: list[RemoteHop] = []
         for hop in route.hops:
             remote = RemoteHop(
                 self.host, peer=PeerId.from_string(hop.peer_id), addrs=swarm.addrs(hop.peer_id),
                 start=hop.start, end=hop.end, model_id=self.model_id, max_length=max_length,
-                codec=self.config.codec, session_id=session_id, hidden_size=c.hidden_size,
+                codec=self.config.codec, session_id=secrets.token_bytes(16),
+                hidden_size=c.hidden_size,
                 vocab_size=c.vocab_size, num_stages=c.num_stages,
                 session_config=SessionConfig(dead_after=self.config.dead_after_s))
             try:
@@ -247,24 +263,63 @@ class Client:
             x = ids
             if local:
                 x = await local[0].step(position, x, last_only=False)
-            for hop in hops:
-                with trio.fail_after(self.config.step_timeout_s):
-                    x = await hop.step(position, x, last_only=hop.returns_logits)
+            i = 0
+            while i < len(hops):
+                try:
+                    x = await self._step(hops[i], position, x)
+                except _HOP_FAILURES as exc:
+                    hops[i:i + 1] = await self._replace(hops[i], exc, max_length, info)
+                    info.route = Route(hops=tuple(Hop(h.peer_id, h.start, h.end) for h in hops),
+                                       cost_s=route.cost_s)
+                    continue  # the same step, now on the replacement's first hop
+                i += 1
             if local:
                 x = await local[1].step(position, x[:, -1:], last_only=True)
             return x[0, -1].float()
 
         try:
             yield forward
-        except (HopFailedError, RefusedError) as exc:
-            self._failed(exc)
+        except RefusedError as exc:
             raise GenerationError(str(exc)) from exc
-        except trio.TooSlowError as exc:
-            raise GenerationError(f"a hop did not answer within "
-                                  f"{self.config.step_timeout_s:.0f} s") from exc
         finally:
             for hop in hops:
                 hop.aclose()
+
+    async def _step(self, hop: RemoteHop, position: int, x: torch.Tensor) -> torch.Tensor:
+        """One step on one hop, under the step timeout; the input is kept for failover."""
+        with trio.fail_after(self.config.step_timeout_s):
+            out = await hop.step(position, x, last_only=hop.returns_logits)
+        hop.history.append((position, x))
+        return out
+
+    async def _replace(self, failed: RemoteHop, exc: Exception, max_length: int,
+                       info: RunInfo) -> list[RemoteHop]:
+        """Failover: ban the peer, route its stages anew, replay its kept inputs.
+
+        The replacement (one peer or several) rebuilds its KV cache from exactly the inputs
+        the failed hop received, step by step as they were sent, so it computes exactly what
+        the failed hop would have and greedy output does not change.
+        """
+        if isinstance(exc, RefusedError) and not exc.retryable:
+            raise exc
+        failed.aclose()
+        info.failovers += 1
+        if info.failovers > self.config.max_failovers:
+            raise GenerationError(f"gave up after {info.failovers - 1} failovers: {exc}") from exc
+        self.bans = self.bans.record_failure(failed.peer_id, now=time.monotonic())
+        started = time.perf_counter()
+        route = await self.route(max_length, 1, stages=(failed.start, failed.end))
+        try:
+            fresh = await self._open_hops(route, max_length)
+        except (HopFailedError, RefusedError) as open_exc:
+            self._failed(open_exc)
+            raise GenerationError(f"failover could not open {open_exc}") from open_exc
+        for position, kept in failed.history:
+            h = kept
+            for hop in fresh:
+                h = await self._step(hop, position, h)
+        info.failover_s += time.perf_counter() - started
+        return fresh
 
     async def generate_ids(
         self, prompt_ids: Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,

@@ -48,6 +48,8 @@ class RemoteHop:
         self.session_config = session_config
         self.session: SessionStream | None = None
         self.steps = 0
+        # Every input this hop was sent, as (position, tensor): a replacement replays them.
+        self.history: list[tuple[int, torch.Tensor]] = []
         self.compute_s = 0.0
         self._closed = trio.Event()
         self._lock = trio.Lock()

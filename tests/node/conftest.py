@@ -20,6 +20,14 @@ LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 class Swarm:
     bootstrap: str
     nodes: list[RunningNode]
+    scopes: list[trio.CancelScope]
+
+    def stop(self, index: int) -> None:
+        """End node `index` abruptly (its streams are reset, as when a process dies)."""
+        self.scopes[index].cancel()
+
+    def index_of(self, peer_id: str) -> int:
+        return [str(n.host.peer_id) for n in self.nodes].index(peer_id)
 
 
 SwarmFactory = Callable[..., AbstractAsyncContextManager[Swarm]]
@@ -34,14 +42,21 @@ def loopback_swarm(tmp_path: Path) -> SwarmFactory:
                 NodeConfig(data_dir=tmp_path / "boot", listen=LOOPBACK, mdns=False),
                 role="bootstrap", task_status=task_status))
             addr = boot.host.listen_addrs()[0]
-            nodes = []
+            nodes, scopes = [], []
             for i, span in enumerate(spans):
                 config = NodeConfig(data_dir=tmp_path / f"n{i}", model=model, span=span,
                                     listen=LOOPBACK, bootstrap=(addr,), mdns=False, jitter_s=0,
                                     swarm_settle_s=0, announce_interval_s=0.5, **node_kw)
-                nodes.append(await nursery.start(
-                    lambda task_status, c=config: run_node(c, task_status=task_status)))
-            yield Swarm(addr, nodes)
+                scope = trio.CancelScope()
+
+                async def run(c: NodeConfig = config, s: trio.CancelScope = scope, *,
+                              task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                    with s:
+                        await run_node(c, task_status=task_status)
+
+                nodes.append(await nursery.start(run))
+                scopes.append(scope)
+            yield Swarm(addr, nodes, scopes)
             nursery.cancel_scope.cancel()
 
     return make

@@ -131,3 +131,26 @@ async def test_a_refusing_node_gives_a_one_line_error(
 
 def test_p2p_errors_are_declared() -> None:
     assert issubclass(P2PError, Exception)
+
+
+async def test_failover_mid_generation_keeps_greedy_output(
+    tiny_model: Path, loopback_swarm: Any
+) -> None:
+    params = SamplingParams(temperature=0, max_new_tokens=48)
+    expected = "".join([p async for p in LocalModel(tiny_model).generate(PROMPT, params)])
+    with trio.fail_after(90):
+        async with loopback_swarm(tiny_model, ["0:3", "3:6", "1:6"]) as net, \
+                Client(bootstrap=[net.bootstrap], model=tiny_model,
+                       config=ClientConfig(codec="raw", route_timeout_s=20)) as client:
+            pieces: list[str] = []
+            async for piece in client.generate(PROMPT, max_new_tokens=48):
+                pieces.append(piece)
+                if len(pieces) == 20:  # mid-sentence: the first hop of the route dies
+                    route = client.last.route
+                    assert route is not None
+                    victim = route.hops[0].peer_id
+                    net.stop(net.index_of(victim))
+            info = client.last
+    assert "".join(pieces) == expected
+    assert info.failovers == 1
+    assert info.route is not None and victim not in {h.peer_id for h in info.route.hops}
