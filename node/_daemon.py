@@ -37,6 +37,7 @@ from node._span_choice import choose_span, stage_memory_bytes, startup_jitter_s
 from node._status import write_status
 from node._worker import ServerLimits, SpanWorker
 from p2p import Host, HostConfig, Identity, SessionConfig, open_host
+from p2p._announcements import AnnouncementFields, AnnouncementState, Announcer
 from sharding import EMBEDDED_MODEL, Checkpoint, Span, compute_dtype, pick_device
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ def _measure_throughput(span: Span) -> float:
 async def run_node(config: NodeConfig, *, role: str = "node",
                    task_status: TaskStatus[RunningNode] = trio.TASK_STATUS_IGNORED) -> None:
     """Run a node (or a bootstrap) until SIGINT/SIGTERM or cancellation."""
-    from node._swarm import AnnouncementSwarm, Announcer, NodeAnnouncement
+    from node._swarm import AnnouncementSwarm
 
     torch.set_num_threads(max(1, config.threads))
     identity = Identity.load_or_create(config.data_dir)
@@ -187,8 +188,9 @@ async def run_node(config: NodeConfig, *, role: str = "node",
                 span_range = (chosen.start, chosen.end)
             start, end = span_range
             publish_status(span=[start, end])
-            await announcer.publish(start=start, end=end, state="joining",
-                                    addrs=host.listen_addrs())
+            await announcer.publish(AnnouncementFields(
+                start=start, end=end, state=AnnouncementState.JOINING,
+                addrs=host.listen_addrs()))
             span = await trio.to_thread.run_sync(
                 lambda: Span.load(ckpt, start, end, device=config.device))
             worker = SpanWorker(span, model_id=model_id, limits=config.limits)
@@ -202,28 +204,29 @@ async def run_node(config: NodeConfig, *, role: str = "node",
             host.set_session_handler(PROTOCOL, handler,
                                      config=SessionConfig(dead_after=config.dead_after_s))
 
-            def announcement(state: str) -> NodeAnnouncement:
+            def announcement(state: AnnouncementState) -> AnnouncementFields:
                 stats = worker.statistics()
-                return NodeAnnouncement(
+                return AnnouncementFields(
                     start=start, end=end, state=state, addrs=host.listen_addrs(),
                     throughput=throughput, free_cache_tokens=stats.cache_tokens_free,
                     load=min(0.99, stats.sessions / config.limits.max_sessions))
 
-            await announcer.publish_record(announcement("online"))
+            await announcer.publish(announcement(AnnouncementState.ONLINE))
             publish_status(state="online")
             logger.info("serving stages [%d, %d) of %s (%.0f tokens/s per stage)", start, end,
                         model_id[:12], throughput)
             task_status.started(RunningNode(host, worker))
             async with trio.open_nursery() as inner:
                 inner.start_soon(announcer.keep_publishing,
-                                 lambda: announcement("online"), config.announce_interval_s)
+                                 lambda: announcement(AnnouncementState.ONLINE),
+                                 config.announce_interval_s)
                 await stop.wait()
                 inner.cancel_scope.cancel()
             # Draining: refuse new sessions, tell the swarm, let open sessions finish.
             worker.accepting = False
             publish_status(state="draining")
             with trio.move_on_after(1.0):
-                await announcer.publish_record(announcement("draining"))
+                await announcer.publish(announcement(AnnouncementState.DRAINING))
             with trio.move_on_after(config.grace_s):
                 await worker.wait_idle()
             host.remove_stream_handler(PROTOCOL)
