@@ -66,6 +66,7 @@ class NodeConfig:
     listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
     bootstrap: tuple[str, ...] = ()
     threads: int = 1
+    prefill_threads: int | None = None
     device: str | None = None
     mdns: bool = True
     limits: ServerLimits = field(default_factory=ServerLimits)
@@ -193,7 +194,9 @@ async def run_node(config: NodeConfig, *, role: str = "node",
                 addrs=host.listen_addrs()))
             span = await trio.to_thread.run_sync(
                 lambda: Span.load(ckpt, start, end, device=config.device))
-            worker = SpanWorker(span, model_id=model_id, limits=config.limits)
+            worker = SpanWorker(span, model_id=model_id, limits=config.limits,
+                                decode_threads=max(1, config.threads),
+                                prefill_threads=config.prefill_threads or config.threads)
             throughput = await trio.to_thread.run_sync(_measure_throughput, span)
 
             async def handler(session: Any) -> None:

@@ -44,7 +44,9 @@ def add_node_parser(sub: Any) -> None:
             p.add_argument("--model", type=Path, help="checkpoint folder (default: embedded)")
             p.add_argument("--span", help="'auto' (default) or a:b")
             p.add_argument("--memory-budget", type=parse_size, help="e.g. 4GB")
-            p.add_argument("--threads", type=int, help="torch threads (default 1)")
+            p.add_argument("--threads", type=int, help="torch threads for decode (default 1)")
+            p.add_argument("--prefill-threads", type=int,
+                           help="torch threads for prefill chunks (default: --threads)")
             p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if present)")
             p.add_argument("--max-sessions", type=int)
             p.add_argument("--max-cache-tokens", type=int)
@@ -68,9 +70,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.no_mdns:
         overrides["mdns"] = False
     if args.role == "run":
-        for flag, key in (("model", "model"), ("span", "span"), ("memory_budget",
-                          "memory_budget_bytes"), ("threads", "threads"), ("device", "device"),
-                          ("grace", "grace_s")):
+        flags = {"model": "model", "span": "span", "memory_budget": "memory_budget_bytes",
+                 "threads": "threads", "prefill_threads": "prefill_threads",
+                 "device": "device", "grace": "grace_s"}
+        for flag, key in flags.items():
             if getattr(args, flag) is not None:
                 overrides[key] = getattr(args, flag)
     try:

@@ -69,8 +69,14 @@ class WorkerStatistics:
 class SpanWorker:
     """Sessions over one loaded span, with admission limits and a compute limiter."""
 
-    def __init__(self, span: Span, *, model_id: str, limits: ServerLimits | None = None) -> None:
+    def __init__(self, span: Span, *, model_id: str, limits: ServerLimits | None = None,
+                 decode_threads: int | None = None, prefill_threads: int | None = None) -> None:
         self.span = span
+        # Decode steps stream weights (memory-bound: one thread takes most of the bandwidth,
+        # and idle spinning threads would steal cores from the other nodes of a pipeline on
+        # the same machine); prefill chunks are compute-bound and use more threads.
+        self.decode_threads = decode_threads
+        self.prefill_threads = prefill_threads
         self.model_id = model_id
         self.limits = limits or ServerLimits()
         self.sessions: dict[bytes, WorkerSession] = {}
@@ -166,6 +172,9 @@ class SpanWorker:
         started = time.perf_counter()
         if step.rollback:
             session.cache.rollback(step.position)
+        threads = self.prefill_threads if x.shape[1] > 1 else self.decode_threads
+        if threads is not None and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
         with torch.inference_mode():
             y = self.span(x, session.cache, last_only=step.last_only,
                           stages=(session.start, session.end))

@@ -57,13 +57,23 @@ def prompt_ids(folder: Path, n: int) -> list[int]:
     return [int(t) for t in torch.randint(0, min(vocab, 256), (n,), generator=g)]
 
 
-async def engine_run(span: Span, ids: list[int], new_tokens: int) -> GenerationStats:
+async def engine_run(span: Span, ids: list[int], new_tokens: int,
+                     out: list[int] | None = None) -> GenerationStats:
     stages = LocalStages(span, max_length=len(ids) + new_tokens)
     stats = GenerationStats()
     sampler = Sampler(SamplingParams(temperature=0, max_new_tokens=new_tokens))
-    async for _ in generate_ids(stages.forward, ids, sampler, eos_id=None, stats=stats):
-        pass
+    async for token in generate_ids(stages.forward, ids, sampler, eos_id=None, stats=stats):
+        if out is not None:
+            out.append(token)
     return stats
+
+
+def agreement(a: Sequence[int], b: Sequence[int]) -> str:
+    """Tokens equal to the engine's greedy tokens, up to the first divergence and overall."""
+    prefix = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                  min(len(a), len(b)))
+    same = sum(x == y for x, y in zip(a, b, strict=False))
+    return f"{prefix}/{len(b)} then {same}/{len(b)}"
 
 
 def transformers_run(model: object, ids: list[int], new_tokens: int) -> tuple[float, float]:
@@ -93,7 +103,9 @@ async def measure(name: str, folder: Path, args: argparse.Namespace) -> list[lis
     n = args.new_tokens
     ckpt = Checkpoint.open(folder)
     span = Span.load(ckpt, 0, ckpt.config.num_stages, dtype=torch.float32)
-    engine = [await engine_run(span, ids, n) for _ in range(args.repeats)]
+    reference: list[int] = []
+    engine = [await engine_run(span, ids, n, reference if not r else None)
+              for r in range(args.repeats)]
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     hf_runs = [transformers_run(hf, ids, n) for _ in range(args.repeats)]
     del hf, span
@@ -101,38 +113,44 @@ async def measure(name: str, folder: Path, args: argparse.Namespace) -> list[lis
     t_ttft, t_dec = min(r[0] for r in hf_runs), max(r[1] for r in hf_runs)
     rows: list[list[object]] = [
         [name, "transformers", t_dec, t_dec / e_dec, t_ttft * 1e3, t_ttft / e_ttft,
-         args.prompt / t_ttft, ""],
-        [name, "engine (1 process)", e_dec, 1.0, e_ttft * 1e3, 1.0, args.prompt / e_ttft, ""],
+         args.prompt / t_ttft, "", ""],
+        [name, "engine (1 process)", e_dec, 1.0, e_ttft * 1e3, 1.0, args.prompt / e_ttft, "",
+         ""],
     ]
     spans = even_spans(ckpt.config.num_stages)
     with tempfile.TemporaryDirectory(prefix="shardnet-bench-") as root:
         async with Devnet(3, root=Path(root), model=folder, spans=spans,
-                          extra_args=["--threads", str(args.threads)]) as net:
+                          extra_args=["--threads", str(args.node_threads)]) as net:
             for codec in ("int8-block", "raw"):
                 config = ClientConfig(bootstrap=net.bootstrap_addrs, codec=codec)
                 async with Client(model=folder, config=config) as client:
                     client.eos_id = None  # fixed-length generations for a fair comparison
                     runs = []
+                    tokens: list[int] = []
                     for _ in range(args.repeats + 1):  # the first run warms the route up
-                        async for _ in client.generate_ids(ids, max_new_tokens=n):
-                            pass
+                        tokens = [t async for t in client.generate_ids(ids, max_new_tokens=n)]
                         runs.append(client.last.stats)
                     route = client.last.describe_route()
                 p_ttft, p_dec = best(runs[1:])
                 rows.append([name, f"pipeline 3 nodes, {codec}", p_dec, p_dec / e_dec,
-                             p_ttft * 1e3, p_ttft / e_ttft, args.prompt / p_ttft, route])
+                             p_ttft * 1e3, p_ttft / e_ttft, args.prompt / p_ttft,
+                             agreement(tokens, reference), route])
     return rows
 
 
 async def main_async(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    folder = with_tokenizer(random_hf_checkpoint(args.cache / "llama-125m"))
-    rows = await measure("llama-125m (random)", folder, args)
-    rows += await measure("embedded", EMBEDDED_MODEL, args)
+    rows: list[list[object]] = []
+    if "random" in args.models:
+        folder = with_tokenizer(random_hf_checkpoint(args.cache / "llama-125m"))
+        rows += await measure("llama-125m (random)", folder, args)
+    if "embedded" in args.models:
+        rows += await measure("embedded", EMBEDDED_MODEL, args)
     print(f"prompt {args.prompt} tokens, {args.new_tokens} new tokens, greedy, fp32, CPU, "
-          f"{args.threads} threads per process, best of {args.repeats}")
+          f"{args.threads} threads in the client / single process, {args.node_threads} per "
+          f"node, best of {args.repeats}")
     print(table(["model", "path", "decode tok/s", "vs engine", "TTFT ms", "vs engine",
-                 "prefill tok/s", "route"], rows))
+                 "prefill tok/s", "greedy = engine", "route"], rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="client and single-process threads")
+    p.add_argument("--node-threads", type=int, default=1)
+    p.add_argument("--models", default="random,embedded")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "shardnet-bench")
     args = p.parse_args(argv)
     trio.run(main_async, args)
