@@ -43,8 +43,16 @@ from p2p._identity import Identity
 from p2p._messages import Message, WireLimits, message
 from p2p._peer_id import PeerId
 
-__all__ = ["ANNOUNCE_TOPIC", "Announcement", "AnnouncementState", "Announcer",
-           "SignedAnnouncement", "SwarmView", "announcement_key", "verify_announcement"]
+__all__ = [
+    "ANNOUNCE_TOPIC",
+    "Announcement",
+    "AnnouncementState",
+    "Announcer",
+    "SignedAnnouncement",
+    "SwarmView",
+    "announcement_key",
+    "verify_announcement",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +174,16 @@ class AnnouncementFields:
 class Announcer:
     """Signs this node's announcements and publishes them by gossip and in the DHT."""
 
-    def __init__(self, host: Host, identity: Identity, *, model_id: str, version: str,
-                 ttl_s: float = 10.0, dht_every: int = 5) -> None:
+    def __init__(
+        self,
+        host: Host,
+        identity: Identity,
+        *,
+        model_id: str,
+        version: str,
+        ttl_s: float = 10.0,
+        dht_every: int = 5,
+    ) -> None:
         self.host = host
         self.identity = identity
         self.model_id = model_id
@@ -182,11 +198,19 @@ class Announcer:
         """The signed wire bytes of an announcement with the next sequence number."""
         self._seq = max(self._seq + 1, time.time_ns())
         body = Announcement(
-            peer_id=self.identity.peer_id, addrs=fields.addrs, model_id=self.model_id,
-            start=fields.start, end=fields.end, state=fields.state,
-            throughput=float(fields.throughput), free_cache_tokens=fields.free_cache_tokens,
-            load=float(fields.load), version=self.version, seq=self._seq,
-            expires_at=time.time() + self.ttl_s).to_wire()
+            peer_id=self.identity.peer_id,
+            addrs=fields.addrs,
+            model_id=self.model_id,
+            start=fields.start,
+            end=fields.end,
+            state=fields.state,
+            throughput=float(fields.throughput),
+            free_cache_tokens=fields.free_cache_tokens,
+            load=float(fields.load),
+            version=self.version,
+            seq=self._seq,
+            expires_at=time.time() + self.ttl_s,
+        ).to_wire()
         return SignedAnnouncement(body=body, signature=self.identity.sign(DOMAIN, body)).to_wire()
 
     async def publish(self, fields: AnnouncementFields) -> None:
@@ -210,8 +234,9 @@ class Announcer:
                     logger.info("could not store our announcement in the DHT: %s", exc)
         self._published += 1
 
-    async def keep_publishing(self, make: Callable[[], AnnouncementFields],
-                              interval_s: float) -> None:
+    async def keep_publishing(
+        self, make: Callable[[], AnnouncementFields], interval_s: float
+    ) -> None:
         """Re-announce every `interval_s` seconds (fresh load figures, a new expiry)."""
         while True:
             await trio.sleep(interval_s)
@@ -246,8 +271,9 @@ class SwarmView:
     def live(self, now: float | None = None) -> list[Announcement]:
         """Unexpired records, one per peer, sorted by peer id."""
         now = time.time() if now is None else now
-        return sorted((r for r in self.records.values() if r.expires_at > now),
-                      key=lambda r: r.peer_id)
+        return sorted(
+            (r for r in self.records.values() if r.expires_at > now), key=lambda r: r.peer_id
+        )
 
     def addrs(self, peer: PeerId) -> tuple[str, ...]:
         record = self.records.get(peer)
@@ -275,8 +301,9 @@ class SwarmView:
 
     @classmethod
     @asynccontextmanager
-    async def watch(cls, host: Host, model_id: str | None, *,
-                    dht_every_s: float = 15.0) -> AsyncIterator[SwarmView]:
+    async def watch(
+        cls, host: Host, model_id: str | None, *, dht_every_s: float = 15.0
+    ) -> AsyncIterator[SwarmView]:
         """Follow announcements (gossip and DHT) for the duration of the block."""
         view = cls(model_id)
         dht = host.dht

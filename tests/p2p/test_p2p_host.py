@@ -1,0 +1,276 @@
+"""Real libp2p hosts on loopback: exchange, refusals, private swarms, dead peers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.network.exceptions import SwarmException
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+from multiaddr import Multiaddr
+
+from p2p import (
+    BrokenStreamError,
+    Credit,
+    DialError,
+    FramedStream,
+    Framer,
+    Host,
+    HostConfig,
+    Identity,
+    Message,
+    PeerDeadError,
+    RemoteProtocolError,
+    RemoteRpcError,
+    RpcRefusal,
+    RpcSpec,
+    RpcTimeoutError,
+    SessionConfig,
+    SessionStream,
+    message,
+    open_host,
+    parse_peer_addr,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+PEER_SCRIPT = Path(__file__).with_name("p2p_peer_proc.py")
+
+LOCAL = HostConfig(
+    listen_addrs=("/ip4/127.0.0.1/tcp/0",),
+    enable_mdns=False,
+    enable_dht=False,
+    enable_pubsub=False,
+    dial_timeout=5.0,
+)
+
+
+@message("test.Tick", 1)  # same definition as in p2p_peer_proc.py
+@dataclass(frozen=True, slots=True)
+class Tick(Message):
+    seq: int
+    data: bytes = b""
+
+
+@message("test.Query", 1)
+@dataclass(frozen=True, slots=True)
+class Query(Message):
+    text: str
+
+
+@message("test.Answer", 1)
+@dataclass(frozen=True, slots=True)
+class Answer(Message):
+    text: str
+    asker: str
+
+
+ECHO = RpcSpec("/test/upper/1", Query, Answer, timeout=2.0)
+
+
+async def upper(peer: object, request: Query) -> Answer:
+    if request.text == "refuse":
+        raise RpcRefusal("no-thanks", "refused on request")
+    if request.text == "hang":
+        await trio.sleep_forever()
+    return Answer(text=request.text.upper(), asker=str(peer))
+
+
+async def echo(session: SessionStream) -> None:
+    async for msg in session:
+        await session.send(msg)
+
+
+@asynccontextmanager
+async def two_hosts(
+    config: HostConfig = LOCAL, config_b: HostConfig | None = None
+) -> AsyncIterator[tuple[Host, Host]]:
+    async with (
+        open_host(Identity.generate(), config) as a,
+        open_host(Identity.generate(), config_b or config) as b,
+    ):
+        yield a, b
+
+
+async def test_two_hosts_exchange_framed_messages() -> None:
+    async with two_hosts() as (a, b):
+        b.set_session_handler("/test/echo/1", echo)
+        b.set_rpc_handler(ECHO, upper)
+        with trio.fail_after(10):
+            assert await a.connect(b.listen_addrs()[0]) == b.peer_id
+            assert a.connected_peers() == [b.peer_id]
+            async with a.open_session(b.peer_id, "/test/echo/1") as session:
+                assert session.peer == b.peer_id
+                for i in range(20):
+                    await session.send(Tick(seq=i, data=os.urandom(i * 100)))
+                got = [await session.receive() for _ in range(20)]
+                assert [t.seq for t in got] == list(range(20))  # type: ignore[attr-defined]
+                big = Tick(seq=-1, data=os.urandom(3 * 1024 * 1024))  # > yamux window
+                await session.send(big)
+                assert await session.receive() == big
+            answer = await a.request(b.peer_id, ECHO, Query(text="hi"))
+            assert answer == Answer(text="HI", asker=str(a.peer_id))
+            with pytest.raises(RemoteRpcError) as refused:
+                await a.request(b.peer_id, ECHO, Query(text="refuse"))
+            assert refused.value.code == "no-thanks"
+        with trio.fail_after(5), pytest.raises(RpcTimeoutError):
+            await a.request(b.peer_id, ECHO, Query(text="hang"))
+        with trio.fail_after(5), pytest.raises(DialError):
+            await a.open_stream(b.peer_id, "/test/unknown/1")
+
+
+async def test_bad_frames_are_contained_to_their_stream(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="p2p")
+    errors: list[BaseException] = []
+
+    async def guarded(session: SessionStream) -> None:
+        try:
+            await echo(session)
+        except RemoteProtocolError as exc:
+            errors.append(exc)
+            raise
+
+    async with two_hosts() as (a, b):
+        b.set_session_handler("/test/echo/1", guarded)
+        b.set_rpc_handler(ECHO, upper)
+        with trio.fail_after(10):
+            await a.connect(b.listen_addrs()[0])
+            async with a.open_session(b.peer_id, "/test/echo/1") as healthy:
+                raw = await a.open_stream(b.peer_id, "/test/echo/1")
+                await raw.send_all(Framer().send(Tick(seq=1)))
+                await raw.send_all(b"\x7f\xff\xff\xff" + b"\x00" * 4)  # a 2 GiB frame
+                while not errors:
+                    await trio.sleep(0.01)
+                # The server reset the stream (py-libp2p shows a remote reset as a
+                # reset or as a plain EOF, and may drop data buffered before it).
+                framed = FramedStream(raw)
+                with contextlib.suppress(BrokenStreamError):
+                    while (msg := await framed.receive()) is not None:
+                        assert isinstance(msg, Credit) or msg == Tick(seq=1)
+                # the connection's other streams and the host keep working
+                await healthy.send(Tick(seq=2))
+                assert await healthy.receive() == Tick(seq=2)
+                raw_rpc = await a.open_stream(b.peer_id, ECHO.protocol)
+                await raw_rpc.send_all(b"not a frame at all")
+                await raw_rpc.send_eof()
+                assert await a.request(b.peer_id, ECHO, Query(text="ok")) == Answer(
+                    text="OK", asker=str(a.peer_id)
+                )
+    assert "exceeds" in str(errors[0])
+    assert str(a.peer_id) in caplog.text
+
+
+async def test_plaintext_only_dialer_is_refused() -> None:
+    async with open_host(Identity.generate(), LOCAL) as host:
+        key_pair = create_new_key_pair()
+        plain = new_host(
+            key_pair=key_pair,
+            sec_opt={PLAINTEXT_PROTOCOL_ID: InsecureTransport(key_pair)},
+        )
+        _, transport = parse_peer_addr(host.listen_addrs()[0])
+        async with plain.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            with trio.fail_after(10), pytest.raises(SwarmException):
+                await plain.connect(PeerInfo(ID(host.peer_id.raw), [Multiaddr(transport)]))
+        assert host.connected_peers() == []
+
+
+async def test_allowlist_and_psk_make_private_swarms() -> None:
+    insider, outsider = Identity.generate(), Identity.generate()
+    private = replace(LOCAL, allowed_peers=frozenset({insider.peer_id}))
+    async with (
+        open_host(Identity.generate(), private) as guarded,
+        open_host(insider, LOCAL) as ok,
+        open_host(outsider, LOCAL) as bad,
+    ):
+        with trio.fail_after(10):
+            await ok.connect(guarded.listen_addrs()[0])
+            with pytest.raises(DialError):
+                await bad.connect(guarded.listen_addrs()[0])
+            with pytest.raises(DialError):  # the allowlist holds for outbound dials too
+                await guarded.connect(bad.listen_addrs()[0])
+        assert guarded.connected_peers() == [insider.peer_id]
+
+    fast_fail = replace(LOCAL, dial_timeout=1.0)
+    key = replace(fast_fail, psk=b"k" * 32)
+    async with two_hosts(key) as (a, b), open_host(Identity.generate(), fast_fail) as stranger:
+        with trio.fail_after(10):
+            await a.connect(b.listen_addrs()[0])
+            with pytest.raises(DialError):
+                await stranger.connect(b.listen_addrs()[0])
+        assert b.connected_peers() == [a.peer_id]
+
+
+async def read_line(stream: trio.abc.ReceiveStream) -> str:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = await stream.receive_some(256)
+        if not chunk:
+            raise RuntimeError(f"peer process exited early: {buf!r}")
+        buf += chunk
+    return buf.decode().strip()
+
+
+async def test_killed_and_frozen_peers_are_broken_not_closed() -> None:
+    """kill -9 mid-stream -> BrokenStreamError; SIGSTOP -> PeerDeadError within 1 s."""
+    dead_after = 1.0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        await trio.lowlevel.open_process(
+            [sys.executable, str(PEER_SCRIPT), str(dead_after)],
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    try:
+        async with open_host(Identity.generate(), LOCAL) as host:
+            with trio.fail_after(30):
+                addrs = [await read_line(p.stdout) for p in procs if p.stdout is not None]
+                victim, sleeper = [await host.connect(a) for a in addrs]
+            config = SessionConfig(dead_after=dead_after)
+            async with (
+                host.open_session(victim, "/test/ticks/1", config=config) as ticks,
+                host.open_session(sleeper, "/test/echo/1", config=config) as frozen,
+            ):
+                with trio.fail_after(10):
+                    for _ in range(5):
+                        await ticks.receive()  # mid-stream
+                    await frozen.send(Tick(seq=1))
+                    assert await frozen.receive() == Tick(seq=1)
+
+                    procs[0].send_signal(signal.SIGKILL)
+                    with pytest.raises(BrokenStreamError) as broken:
+                        while True:
+                            await ticks.receive()
+                    assert not isinstance(broken.value, PeerDeadError)
+
+                    procs[1].send_signal(signal.SIGSTOP)
+                    start = trio.current_time()
+                    with pytest.raises(PeerDeadError):
+                        await frozen.receive()
+                    elapsed = trio.current_time() - start
+                    assert dead_after * 0.9 <= elapsed < dead_after + 1.0
+                    with pytest.raises(PeerDeadError):  # the failure sticks
+                        await frozen.send(Tick(seq=2))
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+            with trio.CancelScope(shield=True):
+                await proc.wait()
