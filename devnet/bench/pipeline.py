@@ -120,7 +120,8 @@ async def measure(name: str, folder: Path, args: argparse.Namespace) -> list[lis
     spans = even_spans(ckpt.config.num_stages)
     with tempfile.TemporaryDirectory(prefix="shardnet-bench-") as root:
         async with Devnet(3, root=Path(root), model=folder, spans=spans,
-                          extra_args=["--threads", str(args.node_threads)]) as net:
+                          extra_args=["--threads", str(args.node_threads),
+                                      "--prefill-threads", str(args.node_prefill_threads)]) as net:
             for codec in ("int8-block", "raw"):
                 config = ClientConfig(bootstrap=net.bootstrap_addrs, codec=codec)
                 async with Client(model=folder, config=config) as client:
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="client and single-process threads")
     p.add_argument("--node-threads", type=int, default=1)
+    p.add_argument("--node-prefill-threads", type=int, default=1)
     p.add_argument("--models", default="random,embedded")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "shardnet-bench")
     args = p.parse_args(argv)
