@@ -36,8 +36,16 @@ from node._service import serve_inference
 from node._span_choice import choose_span, stage_memory_bytes, startup_jitter_s
 from node._status import write_status
 from node._worker import ServerLimits, SpanWorker
-from p2p import Host, HostConfig, Identity, SessionConfig, open_host
-from p2p._announcements import AnnouncementFields, AnnouncementState, Announcer
+from p2p import (
+    AnnouncementFields,
+    AnnouncementState,
+    Announcer,
+    Host,
+    HostConfig,
+    Identity,
+    SessionConfig,
+    open_host,
+)
 from sharding import EMBEDDED_MODEL, Checkpoint, Span, compute_dtype, pick_device
 
 if TYPE_CHECKING:

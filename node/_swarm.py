@@ -6,8 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from node._snapshots import PeerSnapshot, PeerState
-from p2p import Host, PeerId
-from p2p._announcements import SwarmView
+from p2p import Host, PeerId, SwarmView
 
 
 class AnnouncementSwarm:

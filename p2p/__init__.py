@@ -1,31 +1,33 @@
 """shardnet's network layer: identity, libp2p host, framing, sessions, RPC, announcements.
 
-Only re-exports live here; see the modules for the code.
+Only re-exports live here; the code is in the modules. What the node layer uses:
+
+* ``Identity.load_or_create(data_dir)`` -- the persistent Ed25519 node key;
+  ``identity.sign(domain, payload)`` / ``peer_id.verify(domain, payload, sig)``.
+* ``async with open_host(identity, HostConfig(...)) as host`` -- the libp2p host
+  (Noise + Yamux over TCP, bootstrap + peer exchange, optional mDNS, DHT, gossipsub,
+  optional PSK / allowlist). ``host.connect(addr)``, ``host.listen_addrs()``.
+* ``async with host.open_session(peer, protocol) as session`` and
+  ``host.set_session_handler(protocol, handler)`` -- long-lived framed message streams
+  with heartbeats and flow control (``session.send(msg)`` / ``await session.receive()``).
+* ``host.request(peer, RpcSpec(...), msg)`` / ``host.set_rpc_handler(spec, handler)``.
+* ``Announcer`` and ``SwarmView.watch(host, model_id)`` -- signed announcements
+  through gossip and the DHT.
+* ``@message(name, version)`` frozen dataclasses, ``Tensor``, ``WireLimits``.
 """
 
-from p2p._announce import (
+from p2p._announcements import (
     ANNOUNCE_DOMAIN,
+    ANNOUNCE_TOPIC,
     MAX_ANNOUNCE_TTL,
     Announcement,
-    AnnouncementRecordValidator,
-    AnnounceState,
-    SignedAnnouncement,
-    announce_key,
-    announce_topic,
-    model_key,
-    next_seq,
-    sign_announcement,
-    verify_announcement,
-)
-from p2p._announcer import (
-    AnnounceConfig,
+    AnnouncementFields,
+    AnnouncementState,
     Announcer,
-    LiveSwarm,
-    ServingInfo,
-    SwarmStatistics,
-    announcement_validator,
-    open_announcer,
-    open_swarm_view,
+    SignedAnnouncement,
+    SwarmView,
+    announcement_key,
+    verify_announcement,
 )
 from p2p._control import Credit, Goodbye, Ping, RpcFailure
 from p2p._dht import Dht, DhtError, RecordValidator
@@ -46,7 +48,8 @@ from p2p._flow import INITIAL_WINDOW, SessionEvent, SessionProtocol
 from p2p._framed import FramedStream
 from p2p._framing import CLOSED, HEADER_SIZE, NEED_DATA, Framer, FramerEvent
 from p2p._heartbeat import Liveness
-from p2p._host import Host, HostConfig, StreamHandler, open_host, parse_peer_addr
+from p2p._host import Host, StreamHandler, open_host
+from p2p._host_config import HostConfig, parse_peer_addr
 from p2p._identity import Identity
 from p2p._messages import (
     DEFAULT_LIMITS,
@@ -57,24 +60,22 @@ from p2p._messages import (
     message,
     registered_messages,
 )
+from p2p._peer_exchange import PEX, PeerBook, PeerExchangeReply, PeerExchangeRequest, PeerRecord
 from p2p._peer_id import InvalidPeerIdError, PeerId
 from p2p._pubsub import GossipConfig, GossipMessage, PubSub, Subscription, TopicValidator
 from p2p._rpc import RpcHandler, RpcRefusal, RpcSpec, rpc_request, serve_rpc_stream
 from p2p._session import SessionConfig, SessionStatistics, SessionStream, session_context
 from p2p._streams import ByteStream, Libp2pByteStream, TrioByteStream
-from p2p._swarm_view import SwarmView
 from p2p._tensor import INT8_BLOCK, TENSOR_CODECS, TENSOR_DTYPES, Tensor, tensor_payload_bytes
 
 __all__ = [
     "ANNOUNCE_DOMAIN",
-    "announce_key",
-    "announce_topic",
-    "AnnounceConfig",
+    "ANNOUNCE_TOPIC",
     "Announcement",
-    "announcement_validator",
-    "AnnouncementRecordValidator",
+    "announcement_key",
+    "AnnouncementFields",
+    "AnnouncementState",
     "Announcer",
-    "AnnounceState",
     "BrokenStreamError",
     "ByteStream",
     "CLOSED",
@@ -101,21 +102,21 @@ __all__ = [
     "InvalidPeerIdError",
     "Libp2pByteStream",
     "Liveness",
-    "LiveSwarm",
     "LocalProtocolError",
     "MAX_ANNOUNCE_TTL",
-    "message",
     "Message",
-    "model_key",
+    "message",
     "NEED_DATA",
-    "next_seq",
-    "open_announcer",
     "open_host",
-    "open_swarm_view",
     "P2PError",
     "parse_peer_addr",
+    "PeerBook",
     "PeerDeadError",
+    "PeerExchangeReply",
+    "PeerExchangeRequest",
     "PeerId",
+    "PeerRecord",
+    "PEX",
     "Ping",
     "PubSub",
     "RecordValidator",
@@ -129,19 +130,16 @@ __all__ = [
     "RpcSpec",
     "RpcTimeoutError",
     "serve_rpc_stream",
-    "ServingInfo",
     "session_context",
     "SessionConfig",
     "SessionEvent",
     "SessionProtocol",
     "SessionStatistics",
     "SessionStream",
-    "sign_announcement",
     "SignedAnnouncement",
     "StreamClosedError",
     "StreamHandler",
     "Subscription",
-    "SwarmStatistics",
     "SwarmView",
     "Tensor",
     "TENSOR_CODECS",

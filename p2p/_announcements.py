@@ -2,26 +2,31 @@
 
 Theory of operation
 -------------------
-A serving node describes itself in an `Announcement` (peer id, addresses, model id, stage span,
-state, throughput, free cache tokens, load, software version, sequence number, expiry), encodes
-it as one versioned message, and signs those bytes with its identity key under a dedicated
-domain (`SignedAnnouncement`). Anyone can check a record against the peer id it names — an
-Ed25519 peer id *is* the public key — so records can travel through untrusted peers.
+A serving node describes itself in an `Announcement` (peer id, addresses, model id, stage span
+``[start, end)``, state, throughput, free cache tokens, load, software version, sequence number,
+expiry), encodes it as one versioned message, and signs those bytes with its identity key under a
+dedicated domain (`SignedAnnouncement`). Anyone can check a record against the peer id it names
+-- an Ed25519 peer id *is* the public key -- so records can travel through untrusted peers.
 
 They travel two ways (`Announcer`):
-- **gossip**, on one topic for every model, every couple of seconds (well under gossipsub's
-  per-forwarder rate limit), so joins, load changes and departures are seen within seconds.
-  One topic rather than one per model because bootstrap peers, which serve no model and so
-  would never join a per-model mesh, must relay it for peers that only know a bootstrap;
-- the **DHT**, under `/shardnet/<model_id>/<peer_id>` with a validator that checks signature,
-  key and expiry and keeps the highest sequence, plus a provider record for the model, so a
-  newcomer can read the current swarm at once instead of waiting for the next gossip round.
+
+- **gossip**, on one topic for every model (`ANNOUNCE_TOPIC`), re-published every few seconds
+  (`Announcer.keep_publishing`), well under the host's gossipsub rate limit, so joins, load
+  changes and departures are seen within seconds. One topic rather than one per model because
+  bootstrap peers, which serve no model and so would never join a per-model mesh, must relay
+  it for peers that only know a bootstrap; views filter by model;
+- the **DHT**, under ``/shardnet/<model_id>/<peer_id>`` with a strict validator that checks
+  signature, key and expiry and keeps the highest sequence, plus a provider record for the
+  model, so a newcomer can read the current swarm at once instead of waiting for gossip.
 
 `SwarmView` keeps the latest valid record per peer for one model (or all models, for a
-relaying bootstrap): a record with a bad signature, a peer id that does not match its key,
+relaying bootstrap). A record with a bad signature, a peer id that does not match its key,
 another model, a stale sequence, or an expiry already past (or implausibly far ahead) is
-dropped and logged; expired records stop counting without anyone having to say goodbye.
-Sequence numbers are wall-clock nanoseconds, so a restarted node's records still win.
+dropped -- by the gossip validator before it is forwarded, so a forgery stops at the first
+honest hop -- and logged with the peer it came from. A node that leaves announces
+``draining`` and stops refreshing; a node that crashes just stops refreshing; either way its
+record expires and drops out of every view. Sequence numbers are wall-clock nanoseconds, so
+a restarted node's records still win.
 """
 
 from __future__ import annotations
@@ -29,23 +34,29 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import trio
 
 from p2p._dht import DhtError
-from p2p._errors import P2PError
+from p2p._errors import P2PError, RemoteProtocolError
 from p2p._host import Host
 from p2p._identity import Identity
 from p2p._messages import Message, WireLimits, message
 from p2p._peer_id import PeerId
+from p2p._pubsub import Subscription
+from p2p._service import service_nursery
 
 __all__ = [
+    "ANNOUNCE_DOMAIN",
     "ANNOUNCE_TOPIC",
+    "MAX_ANNOUNCE_TTL",
     "Announcement",
+    "AnnouncementFields",
     "AnnouncementState",
     "Announcer",
     "SignedAnnouncement",
@@ -56,14 +67,25 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DOMAIN = b"shardnet/announcement/1"
+ANNOUNCE_DOMAIN = DOMAIN = b"shardnet/announcement/1"
 ANNOUNCE_TOPIC = "/shardnet/announce/1"
 DHT_NAMESPACE = "shardnet"
-MAX_TTL_S = 3600.0  # a record claiming to live longer than this is refused
+MAX_ANNOUNCE_TTL = MAX_TTL_S = 3600.0  # a record claiming to live longer than this is refused
+MAX_SIGNED_BYTES = 8192
+# Recently expired records are still relayed and still supersede older ones (see
+# `verify_announcement`); older than this they are dropped.
+SUPERSEDE_GRACE_S = 30.0
+ANNOUNCE_LIMITS = WireLimits(max_frame_bytes=2 * MAX_SIGNED_BYTES, max_collection_len=64)
 _MAX_ADDRS = 16
+# Model ids are manifest hashes; the charset keeps DHT keys unambiguous ("/" separates parts).
+_MODEL_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+Clock = Callable[[], float]
 
 
 class AnnouncementState(enum.StrEnum):
+    """Lifecycle of a serving node."""
+
     JOINING = "joining"
     ONLINE = "online"
     DRAINING = "draining"
@@ -72,7 +94,21 @@ class AnnouncementState(enum.StrEnum):
 @message("shardnet.Announcement", 1)
 @dataclass(frozen=True, slots=True)
 class Announcement(Message):
-    """What a serving node says about itself (signed as bytes in `SignedAnnouncement`)."""
+    """What a serving node says about itself (signed as bytes in `SignedAnnouncement`).
+
+    Attributes:
+        peer_id: the announcing node (its key is the signing key).
+        addrs: multiaddrs ending in ``/p2p/<peer_id>`` where it can be dialed.
+        model_id: the model manifest hash.
+        start: first stage served; ``end``: the stage after the last one served.
+        state: joining / online / draining.
+        throughput: tokens per second through its span (its own estimate).
+        free_cache_tokens: KV-cache tokens it can still accept.
+        load: queue utilization in [0, 1].
+        version: software version.
+        seq: sequence number; a higher one replaces a lower one.
+        expires_at: unix time after which the record is void.
+    """
 
     peer_id: PeerId
     addrs: tuple[str, ...]
@@ -94,18 +130,20 @@ class Announcement(Message):
             raise ValueError("span must satisfy 0 <= start < end")
         if self.throughput < 0 or self.free_cache_tokens < 0 or not 0 <= self.load <= 1:
             raise ValueError("throughput, free cache and load must be in range")
-        if not 0 < len(self.model_id) <= 128 or len(self.version) > 32 or self.seq < 0:
+        if not _MODEL_ID.fullmatch(self.model_id) or len(self.version) > 32 or self.seq < 0:
             raise ValueError("bad model id, version or sequence")
 
 
 @message("shardnet.SignedAnnouncement", 1)
 @dataclass(frozen=True, slots=True)
 class SignedAnnouncement(Message):
+    """An announcement's exact wire bytes and its peer's signature over them."""
+
     body: bytes
     signature: bytes
 
     def validate(self, limits: WireLimits) -> None:
-        if len(self.body) > 8192 or len(self.signature) != 64:
+        if len(self.body) > MAX_SIGNED_BYTES or len(self.signature) != 64:
             raise ValueError("announcement body too large or signature malformed")
 
 
@@ -118,44 +156,87 @@ def _provider_key(model_id: str) -> str:
     return f"/{DHT_NAMESPACE}/{model_id}"
 
 
-def verify_announcement(data: bytes, *, now: float | None = None) -> Announcement:
-    """The announcement in `data`, checked; raises `P2PError` naming the problem."""
-    signed = SignedAnnouncement.from_wire(data)
-    body = Announcement.from_wire(signed.body)
+def verify_announcement(
+    data: bytes,
+    *,
+    now: float | None = None,
+    source: str | None = None,
+    expired_grace: float = 0.0,
+) -> Announcement:
+    """The announcement in ``data``, checked.
+
+    Args:
+        data: the signed announcement bytes.
+        now: unix time (default: the clock).
+        source: where the bytes came from, for error messages.
+        expired_grace: also accept records that expired less than this long ago (gossip
+            relays them so that a short-lived ``draining`` record still supersedes the
+            older one everywhere even if it expired in transit; views never list them).
+
+    Raises:
+        RemoteProtocolError: malformed, a bad signature (signed by someone other than the
+            peer it names), expired, or an implausibly distant expiry. The message names
+            the peer and ``source``.
+    """
+    if len(data) > 2 * MAX_SIGNED_BYTES:
+        raise RemoteProtocolError("announcement too large", peer=source)
+    signed = SignedAnnouncement.from_wire(data, ANNOUNCE_LIMITS)
+    body = Announcement.from_wire(signed.body, ANNOUNCE_LIMITS)
+    who = body.peer_id.short()
     if not body.peer_id.verify(DOMAIN, signed.body, signed.signature):
-        raise P2PError(f"announcement of {body.peer_id.short()} has a bad signature")
+        raise RemoteProtocolError(f"announcement of {who} has a bad signature", peer=source)
     now = time.time() if now is None else now
     if not math.isfinite(body.expires_at) or body.expires_at > now + MAX_TTL_S:
-        raise P2PError(f"announcement of {body.peer_id.short()} has an implausible expiry")
+        raise RemoteProtocolError(f"announcement of {who} has an implausible expiry", peer=source)
+    if body.expires_at <= now - expired_grace:
+        raise RemoteProtocolError(f"announcement of {who} expired", peer=source)
     return body
 
 
 class _DhtValidator:
-    """DHT validator for `/shardnet/<model>/<peer>`: signed by that peer, for that model."""
+    """DHT validator for ``/shardnet/<model>/<peer>``: signed by that peer, for that model."""
+
+    def __init__(self, clock: Clock = time.time) -> None:
+        self._clock = clock
 
     def validate(self, key: str, value: bytes) -> None:
         parts = key.split("/")
         if len(parts) != 4 or parts[1] != DHT_NAMESPACE:
             raise ValueError(f"not an announcement key: {key[:80]!r}")
         try:
-            body = verify_announcement(value)
-        except P2PError as exc:
+            body = verify_announcement(value, now=self._clock(), source="dht")
+        except RemoteProtocolError as exc:
             raise ValueError(str(exc)) from exc
         if body.model_id != parts[2] or str(body.peer_id) != parts[3]:
             raise ValueError("announcement stored under another peer's or model's key")
-        if body.expires_at <= time.time():
-            raise ValueError("announcement expired")
 
     def select(self, key: str, values: list[bytes]) -> int:
         best, best_seq = 0, -1
+        now = self._clock()
         for i, value in enumerate(values):
             try:
-                seq = verify_announcement(value).seq
-            except P2PError:
+                seq = verify_announcement(value, now=now).seq
+            except RemoteProtocolError:
                 continue
             if seq > best_seq:
                 best, best_seq = i, seq
         return best
+
+
+class _RecordValidator:
+    """Adapts `_DhtValidator` to the host's typed DHT interface (RemoteProtocolError)."""
+
+    def __init__(self) -> None:
+        self._inner = _DhtValidator()
+
+    def validate(self, key: str, value: bytes) -> None:
+        try:
+            self._inner.validate(key, value)
+        except ValueError as exc:
+            raise RemoteProtocolError(str(exc)) from exc
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        return self._inner.select(key, values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +253,16 @@ class AnnouncementFields:
 
 
 class Announcer:
-    """Signs this node's announcements and publishes them by gossip and in the DHT."""
+    """Signs this node's announcements and publishes them by gossip and in the DHT.
+
+    Args:
+        host: the running host (its pubsub and DHT, when enabled, carry the records).
+        identity: the node key; must be the host's identity.
+        model_id: the model served.
+        version: software version announced.
+        ttl_s: lifetime of each record; re-publish well before it runs out.
+        dht_every: store in the DHT on every n-th publication (the DHT is slow).
+    """
 
     def __init__(
         self,
@@ -193,8 +283,9 @@ class Announcer:
         self._seq = time.time_ns()
         self._published = 0
         self._provided = False
+        self.last: Announcement | None = None
 
-    def sign(self, fields: AnnouncementFields) -> bytes:
+    def sign(self, fields: AnnouncementFields, *, ttl_s: float | None = None) -> bytes:
         """The signed wire bytes of an announcement with the next sequence number."""
         self._seq = max(self._seq + 1, time.time_ns())
         body = Announcement(
@@ -209,13 +300,22 @@ class Announcer:
             load=float(fields.load),
             version=self.version,
             seq=self._seq,
-            expires_at=time.time() + self.ttl_s,
-        ).to_wire()
-        return SignedAnnouncement(body=body, signature=self.identity.sign(DOMAIN, body)).to_wire()
+            expires_at=time.time() + (self.ttl_s if ttl_s is None else ttl_s),
+        )
+        self.last = body
+        wire = body.to_wire(ANNOUNCE_LIMITS)
+        signed = SignedAnnouncement(body=wire, signature=self.identity.sign(DOMAIN, wire))
+        return signed.to_wire(ANNOUNCE_LIMITS)
 
-    async def publish(self, fields: AnnouncementFields) -> None:
-        """Gossip now; store in the DHT on every `dht_every`-th call (bounded, best effort)."""
-        data = self.sign(fields)
+    async def publish(self, fields: AnnouncementFields, *, ttl_s: float | None = None) -> None:
+        """Gossip now; store in the DHT on every ``dht_every``-th call (bounded, best effort).
+
+        Args:
+            fields: what to announce.
+            ttl_s: lifetime of this record (default: the announcer's); a leaving node
+                announces ``draining`` with a short one.
+        """
+        data = self.sign(fields, ttl_s=ttl_s)
         pubsub = self.host.pubsub
         if pubsub is not None:
             try:
@@ -224,6 +324,7 @@ class Announcer:
                 logger.warning("could not gossip our announcement: %s", exc)
         dht = self.host.dht
         if dht is not None and self._published % self.dht_every == 0:
+            dht.register_validator(DHT_NAMESPACE, _RecordValidator())
             with trio.move_on_after(5.0):
                 try:
                     await dht.put(announcement_key(self.model_id, self.identity.peer_id), data)
@@ -237,7 +338,7 @@ class Announcer:
     async def keep_publishing(
         self, make: Callable[[], AnnouncementFields], interval_s: float
     ) -> None:
-        """Re-announce every `interval_s` seconds (fresh load figures, a new expiry)."""
+        """Re-announce every ``interval_s`` seconds (fresh load figures, a new expiry)."""
         while True:
             await trio.sleep(interval_s)
             await self.publish(make())
@@ -246,16 +347,28 @@ class Announcer:
 class SwarmView:
     """The latest valid announcement of every peer serving one model (None: every model)."""
 
-    def __init__(self, model_id: str | None) -> None:
+    def __init__(self, model_id: str | None, *, clock: Clock = time.time) -> None:
         self.model_id = model_id
         self.records: dict[PeerId, Announcement] = {}
+        self._accepted_at: dict[PeerId, float] = {}
+        self._clock = clock
         self._changed = trio.Event()
+        self.accepted = 0
+        self.dropped = 0
 
     def ingest(self, data: bytes, *, source: str = "?") -> Announcement | None:
-        """Keep a record if it is valid, for our model and newer than the one we hold."""
+        """Keep a record if it is valid, for our model and newer than the one we hold.
+
+        A valid record that has *just* expired (a short ``draining`` record delayed in
+        transit) is not kept, but still evicts the older record it supersedes.
+        """
+        now = self._clock()
         try:
-            body = verify_announcement(data)
-        except P2PError as exc:
+            body = verify_announcement(
+                data, now=now, source=source, expired_grace=SUPERSEDE_GRACE_S
+            )
+        except RemoteProtocolError as exc:
+            self.dropped += 1
             logger.info("dropped an announcement from %s: %s", source, exc)
             return None
         if self.model_id is not None and body.model_id != self.model_id:
@@ -263,24 +376,48 @@ class SwarmView:
         held = self.records.get(body.peer_id)
         if held is not None and held.seq >= body.seq:
             return None
+        if body.expires_at <= now:
+            if held is not None:
+                del self.records[body.peer_id]
+                self._accepted_at.pop(body.peer_id, None)
+                self._notify()
+            return None
         self.records[body.peer_id] = body
-        self._changed.set()
-        self._changed = trio.Event()
+        self._accepted_at[body.peer_id] = now
+        self.accepted += 1
+        self._notify()
         return body
 
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
     def live(self, now: float | None = None) -> list[Announcement]:
-        """Unexpired records, one per peer, sorted by peer id."""
-        now = time.time() if now is None else now
-        return sorted(
-            (r for r in self.records.values() if r.expires_at > now), key=lambda r: r.peer_id
-        )
+        """Unexpired records, one per peer, sorted by peer id (expired ones are forgotten)."""
+        now = self._clock() if now is None else now
+        for peer in [p for p, r in self.records.items() if r.expires_at <= now]:
+            del self.records[peer]
+            self._accepted_at.pop(peer, None)
+        return sorted(self.records.values(), key=lambda r: r.peer_id)
+
+    def get(self, peer: PeerId) -> Announcement | None:
+        """The unexpired record of ``peer``, if any."""
+        record = self.records.get(peer)
+        if record is None or record.expires_at <= self._clock():
+            return None
+        return record
 
     def addrs(self, peer: PeerId) -> tuple[str, ...]:
+        """The announced addresses of ``peer`` (empty if unknown)."""
         record = self.records.get(peer)
         return record.addrs if record is not None else ()
 
+    def accepted_at(self, peer: PeerId) -> float | None:
+        """When (clock time) the record we hold for ``peer`` was accepted here."""
+        return self._accepted_at.get(peer)
+
     async def wait_changed(self, timeout_s: float = 1.0) -> None:
-        """Return when a record arrives, or after `timeout_s` (to notice expiries)."""
+        """Return when a record arrives, or after ``timeout_s`` (to notice expiries)."""
         with trio.move_on_after(timeout_s):
             await self._changed.wait()
 
@@ -304,32 +441,37 @@ class SwarmView:
     async def watch(
         cls, host: Host, model_id: str | None, *, dht_every_s: float = 15.0
     ) -> AsyncIterator[SwarmView]:
-        """Follow announcements (gossip and DHT) for the duration of the block."""
-        view = cls(model_id)
-        dht = host.dht
-        if dht is not None:
-            dht.register_validator(DHT_NAMESPACE, _DhtValidator())
-        pubsub = host.pubsub
-        if pubsub is None:
-            yield view
-            return
+        """Follow announcements (gossip and DHT) for the duration of the block.
 
-        def valid(_forwarder: PeerId | None, data: bytes) -> bool:
+        The host also *validates and relays* announcements while this runs (with
+        ``model_id=None`` a bootstrap relays every model's).
+        """
+        view = cls(model_id)
+        if host.dht is not None:
+            host.dht.register_validator(DHT_NAMESPACE, _RecordValidator())
+        pubsub = host.pubsub
+
+        def valid(forwarder: PeerId | None, data: bytes) -> bool:
+            source = "?" if forwarder is None else str(forwarder)
             try:
-                verify_announcement(data)
-            except P2PError:
+                verify_announcement(data, source=source, expired_grace=SUPERSEDE_GRACE_S)
+            except RemoteProtocolError as exc:
+                logger.info("refused to relay an announcement from %s: %s", source, exc)
                 return False
             return True
 
-        pubsub.set_validator(ANNOUNCE_TOPIC, valid)
-        async with pubsub.subscribe(ANNOUNCE_TOPIC) as sub, trio.open_nursery() as nursery:
+        async def pump(sub: Subscription) -> None:
+            async for msg in sub:
+                view.ingest(msg.data, source=str(msg.origin) if msg.origin is not None else "?")
 
-            async def pump() -> None:
-                async for msg in sub:
-                    origin = msg.origin.short() if msg.origin is not None else "?"
-                    view.ingest(msg.data, source=f"gossip via {origin}")
-
-            nursery.start_soon(pump)
+        async with AsyncExitStack() as stack:
+            sub: Subscription | None = None
+            if pubsub is not None:
+                pubsub.set_validator(ANNOUNCE_TOPIC, valid)
+                sub = await stack.enter_async_context(pubsub.subscribe(ANNOUNCE_TOPIC))
+            # Entered last, so its tasks stop before the subscription is dropped.
+            nursery = await stack.enter_async_context(service_nursery())
+            if sub is not None:
+                nursery.start_soon(pump, sub)
             nursery.start_soon(view._from_dht, host, dht_every_s)
             yield view
-            nursery.cancel_scope.cancel()

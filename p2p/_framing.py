@@ -140,14 +140,21 @@ class Framer:
         end = HEADER_SIZE + self._need
         if len(buf) < end:
             return self._starved()
-        payload = bytes(buf[HEADER_SIZE:end])
+        # Check and decode straight from the buffer (no copy of a large payload), then
+        # drop the frame; the view must be released before the bytearray can shrink.
+        with memoryview(buf) as view:
+            payload = view[HEADER_SIZE:end]
+            try:
+                if zlib.crc32(payload) != self._crc:
+                    raise RemoteProtocolError("frame checksum mismatch")
+                msg = decode_message(payload, self.limits)
+            finally:
+                payload.release()
         del buf[:end]
         self._need = None
-        if zlib.crc32(payload) != self._crc:
-            raise RemoteProtocolError("frame checksum mismatch")
         self.frames_received += 1
-        self.last_frame_bytes = len(payload)
-        return decode_message(payload, self.limits)
+        self.last_frame_bytes = end - HEADER_SIZE
+        return msg
 
     def _starved(self) -> FramerEvent:
         if not self._eof:

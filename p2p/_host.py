@@ -5,15 +5,20 @@ Theory of operation
 :func:`open_host` builds a py-libp2p host from the node :class:`Identity` and a frozen
 :class:`HostConfig`, and runs it for the duration of an ``async with`` block:
 
-* TCP + **Noise only** (plaintext/secio/TLS are not offered) + **Yamux only**;
+* TCP + **Noise only** (plaintext/secio/TLS are not offered) + **Yamux only**, with
+  cancellation-proof Noise writes (:mod:`p2p._security`) and yamux credit returned in
+  batches (``PY_YAMUX_RELEASE_ON_READ=0``: one window update per byte read otherwise);
 * ``max_connections_per_peer=1``, which removes libp2p's 250 ms happy-eyeballs wait
-  per dial;
+  per dial, and an auto-connector target of ``target_peers`` instead of 100;
 * optional private swarm: a pre-shared key (libp2p pnet) and/or a peer-id allowlist
   enforced right after the Noise handshake;
 * gossipsub tuned for announcements (1 s heartbeat, raised spam limit) and a strict
   Kademlia DHT, each run as a libp2p background service inside the block;
 * a bootstrap task that keeps connections to the configured bootstrap peers (retrying
-  while none answers) and seeds the DHT routing table; optional mDNS discovery.
+  while none answers), seeds the DHT routing table, and asks them for more peers
+  (:mod:`p2p._peer_exchange`) until ``target_peers`` are connected; optional mDNS;
+* on exit, every connection is closed and every dialed socket too (py-libp2p would
+  otherwise leak some, see :mod:`p2p._transport`).
 
 The :class:`Host` object is the small typed API the node layer uses: peer id and
 addresses, ``connect``, raw streams, framed session streams, RPC, the DHT and pubsub.
@@ -25,9 +30,9 @@ are logged (naming the peer) and the stream is reset.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, suppress
-from dataclasses import dataclass, field
 from typing import Any
 
 import multiaddr.exceptions
@@ -55,6 +60,7 @@ from multiaddr import Multiaddr
 
 from p2p._dht import Dht
 from p2p._errors import DialError, P2PError
+from p2p._host_config import HostConfig, parse_peer_addr
 from p2p._identity import Identity
 from p2p._peer_exchange import (
     MAX_ADDRS_PER_PEER,
@@ -64,11 +70,12 @@ from p2p._peer_exchange import (
     PeerExchangeRequest,
 )
 from p2p._peer_id import InvalidPeerIdError, PeerId
-from p2p._pubsub import GossipConfig, PubSub, make_gossipsub
+from p2p._pubsub import PubSub, make_gossipsub
 from p2p._rpc import ReqT, RespT, RpcHandler, RpcSpec, rpc_request, serve_rpc_stream
 from p2p._security import libp2p_key_pair, security_options
 from p2p._session import SessionConfig, SessionStream, session_context
 from p2p._streams import Libp2pByteStream
+from p2p._transport import TrackingTCP
 
 __all__ = ["HostConfig", "Host", "open_host", "parse_peer_addr", "StreamHandler"]
 
@@ -93,64 +100,6 @@ _DIAL_ERRORS: tuple[type[BaseException], ...] = (
     trio.ClosedResourceError,
     trio.TooSlowError,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class HostConfig:
-    """Everything a host needs besides its identity.
-
-    Attributes:
-        listen_addrs: multiaddrs to listen on (``/ip4/0.0.0.0/tcp/0`` = any port).
-        bootstrap: multiaddrs ending in ``/p2p/<peer id>`` to join the swarm through.
-        enable_mdns: discover peers on the LAN (on for laptops, off in tests).
-        psk: a 32-byte pre-shared key: only peers holding it can even handshake.
-        allowed_peers: if set, only these peers may connect (either direction).
-        enable_dht: run the Kademlia DHT (server mode, strict validation).
-        enable_pubsub: run gossipsub.
-        gossip: gossipsub tuning.
-        dial_timeout: seconds allowed for one connect or stream open.
-        bootstrap_retry: seconds between bootstrap attempts while none succeeds.
-        bootstrap_check: seconds between checks that bootstrap peers are connected.
-        target_peers: libp2p's auto-connector dials known peers while fewer than this
-            are connected (its default, 100, makes every node dial everyone).
-    """
-
-    listen_addrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
-    bootstrap: tuple[str, ...] = ()
-    enable_mdns: bool = True
-    psk: bytes | None = None
-    allowed_peers: frozenset[PeerId] | None = None
-    enable_dht: bool = True
-    enable_pubsub: bool = True
-    gossip: GossipConfig = field(default_factory=GossipConfig)
-    dial_timeout: float = 10.0
-    bootstrap_retry: float = 2.0
-    bootstrap_check: float = 30.0
-    target_peers: int = 8
-
-    def __post_init__(self) -> None:
-        if self.psk is not None and len(self.psk) != 32:
-            raise ValueError("psk must be 32 bytes")
-        if not self.listen_addrs:
-            raise ValueError("listen_addrs must not be empty")
-
-
-def parse_peer_addr(text: str) -> tuple[PeerId, str]:
-    """Split ``/ip4/.../tcp/N/p2p/<id>`` into the peer id and the transport address.
-
-    Raises:
-        DialError: not a multiaddr, or no valid ``/p2p/`` component.
-    """
-    try:
-        addr = Multiaddr(text)
-        peer_text = addr.get_peer_id()
-        if peer_text is None:
-            raise DialError(f"address {text!r} has no /p2p/<peer id> component")
-        peer = PeerId.from_string(peer_text)
-        transport = addr.decapsulate(Multiaddr(f"/p2p/{peer_text}"))
-    except (multiaddr.exceptions.Error, ValueError, InvalidPeerIdError) as exc:
-        raise DialError(f"bad peer address {text!r}: {exc}") from exc
-    return peer, str(transport)
 
 
 def _to_id(peer: PeerId) -> ID:
@@ -486,8 +435,17 @@ async def _open_host(identity: Identity, config: HostConfig) -> AsyncIterator[Ho
         listen = [Multiaddr(a) for a in config.listen_addrs]
     except (multiaddr.exceptions.Error, ValueError) as exc:
         raise DialError(f"bad listen address: {exc}") from exc
+    # py-libp2p's yamux returns receive-window credit after *every* read by default
+    # (PY_YAMUX_RELEASE_ON_READ=1). Its pubsub and DHT read varints a byte at a time,
+    # so that is one WINDOW_UPDATE frame per byte read: measured, it doubled the CPU
+    # of a 20-node gossip overlay and delayed announcements by seconds. Batching the
+    # credit at half a window (go-yamux's behaviour) is the library's own knob; an
+    # explicit setting in the environment still wins.
+    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
     key_pair = libp2p_key_pair(identity)
+    tcp = TrackingTCP()
     lp_host = new_host(
+        transports=[tcp],
         key_pair=key_pair,
         sec_opt=security_options(key_pair, config.allowed_peers),
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
@@ -504,6 +462,7 @@ async def _open_host(identity: Identity, config: HostConfig) -> AsyncIterator[Ho
     # service has shut down, so it is not wrapped in their nurseries' ExceptionGroups.
     body_error: Exception | None = None
     async with AsyncExitStack() as stack:
+        stack.callback(tcp.close_leftovers)
         try:
             await stack.enter_async_context(lp_host.run(listen))
         except OSError as exc:

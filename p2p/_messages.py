@@ -410,7 +410,7 @@ _MSGPACK_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def decode_message(data: bytes, limits: WireLimits = DEFAULT_LIMITS) -> Message:
+def decode_message(data: bytes | memoryview, limits: WireLimits = DEFAULT_LIMITS) -> Message:
     """Decode and fully validate one message.
 
     Raises:

@@ -49,7 +49,7 @@ class PeerRecord:
 @message("p2p.PeerExchangeRequest", 1)
 @dataclass(frozen=True, slots=True)
 class PeerExchangeRequest(Message):
-    """"Here is where I can be reached; who else do you know?\" """
+    """ "Here is where I can be reached; who else do you know?\""""
 
     addrs: tuple[str, ...]
     want: int = MAX_REPLY_PEERS

@@ -10,6 +10,10 @@ What bites, measured on 0.8.1 (see shared/notes/libp2p.md), and what we do:
   and publishers keep their own rate low.
 * Messages over 1 MiB never arrive: :meth:`PubSub.publish` refuses anything over
   :attr:`GossipConfig.max_message_bytes` (64 KiB by default) with a LocalProtocolError.
+* Its "GRAFT flood" check penalises and prunes legitimate re-grafts, which emptied
+  meshes on a star topology; it is disabled (see :class:`_GossipSub`). Peer exchange on
+  PRUNE is on, and eclipse protection (IP diversity) is off: on a LAN or loopback every
+  peer shares a few addresses.
 
 Topic validators are plain typed callables ``(forwarder, data) -> bool`` run before a
 message is delivered *or forwarded*, so a rejected message (a forged announcement)
@@ -127,7 +131,10 @@ class Subscription:
         return self
 
     async def __anext__(self) -> GossipMessage:
-        return await self.receive()
+        try:
+            return await self.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
 
 
 class PubSub:

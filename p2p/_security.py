@@ -59,19 +59,21 @@ class _AtomicWriteSession(SecureSession):
     """A Noise session whose writes cannot be torn by cancellation."""
 
     async def write(self, data: bytes) -> None:
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(WRITE_STALL_TIMEOUT) as guard:
-                await self.conn.write_msg(data)
-            if guard.cancelled_caught:
-                logger.warning(
-                    "write to %s stalled %.0fs; closing the connection",
-                    self.remote_peer,
-                    WRITE_STALL_TIMEOUT,
-                )
-                with trio.move_on_after(1.0):
-                    await self.conn.close()
-                raise ConnectionClosedError("write stalled; connection closed")
-        await trio.lowlevel.checkpoint_if_cancelled()
+        # One scope: the shield keeps outer cancellation out, its own deadline still
+        # fires (a stalled peer). Cancellation pending outside is delivered at the
+        # caller's next checkpoint (yamux checkpoints right after every frame).
+        deadline = trio.current_time() + WRITE_STALL_TIMEOUT
+        with trio.CancelScope(shield=True, deadline=deadline) as guard:
+            await self.conn.write_msg(data)
+        if guard.cancelled_caught:
+            logger.warning(
+                "write to %s stalled %.0fs; closing the connection",
+                self.remote_peer,
+                WRITE_STALL_TIMEOUT,
+            )
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await self.conn.close()
+            raise ConnectionClosedError("write stalled; connection closed")
 
 
 def _atomic(conn: ISecureConn) -> ISecureConn:

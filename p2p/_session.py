@@ -47,6 +47,7 @@ from p2p._framing import MAX_READ_CHUNK
 from p2p._heartbeat import Liveness
 from p2p._messages import DEFAULT_LIMITS, Message, WireLimits
 from p2p._peer_id import PeerId
+from p2p._service import service_nursery
 from p2p._streams import ByteStream
 
 __all__ = ["SessionConfig", "SessionStream", "SessionStatistics", "session_context"]
@@ -149,7 +150,11 @@ class SessionStream:
                 (after any messages received before the failure).
         """
         try:
-            msg, size = await self._inbox.receive()
+            try:  # fast path: a message already queued needs no scheduling round-trip
+                await trio.lowlevel.checkpoint_if_cancelled()
+                msg, size = self._inbox.receive_nowait()
+            except trio.WouldBlock:
+                msg, size = await self._inbox.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             if self._error is not None:
                 raise self._error from None
@@ -220,7 +225,13 @@ class SessionStream:
             raise StreamClosedError(f"session with {self._peer_text} is closed")
 
     async def _write(self, data: bytes) -> None:
-        async with self._write_lock:
+        # Uncontended fast path: take the lock without a scheduling round-trip (the
+        # write below checkpoints anyway); ~10% of a 64-byte round trip.
+        try:
+            self._write_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._write_lock.acquire()
+        try:
             self._raise_error_only()
             try:
                 await self._stream.send_all(data)
@@ -228,6 +239,8 @@ class SessionStream:
                 self._fail(exc)
                 raise
             self._liveness.on_send(trio.current_time())
+        finally:
+            self._write_lock.release()
 
     def _raise_error_only(self) -> None:
         if self._error is not None:
@@ -331,8 +344,7 @@ async def session_context(
     session's nursery.
     """
     session = SessionStream(stream, config=config, protocol=protocol)
-    body_error: Exception | None = None
-    async with trio.open_nursery() as nursery:
+    async with service_nursery() as nursery:
         nursery.start_soon(session._reader)
         nursery.start_soon(session._watchdog)
         nursery.start_soon(session._pinger)
@@ -341,14 +353,9 @@ async def session_context(
             await session._send_initial()
             yield session
             ok = True
-        except Exception as exc:  # noqa: BLE001 - not handled: re-raised below, unwrapped
-            body_error = exc
         finally:
             with trio.CancelScope(shield=True):
                 if ok:
                     await session.aclose()
                 else:
                     await session.abort()
-            nursery.cancel_scope.cancel()
-    if body_error is not None:
-        raise body_error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import tracemalloc
 import zlib
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from p2p import (
     CLOSED,
+    DEFAULT_LIMITS,
     HEADER_SIZE,
     INITIAL_WINDOW,
     NEED_DATA,
@@ -37,7 +39,7 @@ class Chunk(Message):
     data: bytes
 
 
-def frames(*msgs: Message, limits: WireLimits = WireLimits()) -> bytes:
+def frames(*msgs: Message, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
     framer = Framer(limits=limits)
     return b"".join(framer.send(m) for m in msgs)
 
@@ -118,21 +120,17 @@ def test_buffer_bound_and_local_misuse() -> None:
 # --- fuzzing: only declared errors, never a crash, never an over-limit allocation ----
 
 FUZZ_LIMITS = WireLimits(max_frame_bytes=4096, max_tensor_elements=1024, max_collection_len=64)
-VALID = frames(
-    Chunk(seq=1, data=b"hello"), Chunk(seq=2, data=b"\x00" * 300), limits=FUZZ_LIMITS
-)
+VALID = frames(Chunk(seq=1, data=b"hello"), Chunk(seq=2, data=b"\x00" * 300), limits=FUZZ_LIMITS)
 
 
 def feed_all(data: bytes, chunk: int) -> None:
     framer = Framer(limits=FUZZ_LIMITS)
-    try:
+    with contextlib.suppress(RemoteProtocolError):
         for i in range(0, len(data), chunk):
             framer.receive_data(data[i : i + chunk])
             drain(framer)
         framer.receive_data(b"")
         drain(framer)
-    except RemoteProtocolError:
-        pass
     assert framer.buffered_bytes <= framer.max_buffered_bytes
 
 
@@ -168,10 +166,8 @@ def test_fuzz_payloads_behind_valid_checksums(payload: bytes) -> None:
     """Random payloads with correct length and crc: the message decoder is exposed."""
     framer = Framer(limits=FUZZ_LIMITS)
     framer.receive_data(struct.pack(">II", len(payload), zlib.crc32(payload)) + payload)
-    try:
+    with contextlib.suppress(RemoteProtocolError):
         drain(framer)
-    except RemoteProtocolError:
-        pass
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -192,10 +188,8 @@ def test_fuzz_structured_msgpack(fields: object) -> None:
             return
         framer = Framer(limits=FUZZ_LIMITS)
         framer.receive_data(struct.pack(">II", len(payload), zlib.crc32(payload)) + payload)
-        try:
+        with contextlib.suppress(RemoteProtocolError):
             drain(framer)
-        except RemoteProtocolError:
-            pass
 
 
 def test_hostile_lengths_do_not_allocate() -> None:
@@ -233,7 +227,10 @@ def pipe(sender: SessionProtocol, receiver: SessionProtocol, data: bytes) -> lis
 
 
 def test_credits_bound_the_sender_and_are_granted_back() -> None:
-    a, b = SessionProtocol(window_bytes=INITIAL_WINDOW), SessionProtocol(window_bytes=INITIAL_WINDOW)
+    a, b = (
+        SessionProtocol(window_bytes=INITIAL_WINDOW),
+        SessionProtocol(window_bytes=INITIAL_WINDOW),
+    )
     big = Chunk(seq=0, data=b"x" * 100_000)
     sent = b""
     while a.can_send():

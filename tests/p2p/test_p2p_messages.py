@@ -198,12 +198,18 @@ def test_registration_rejects_bad_classes() -> None:
 
 def tensor(n: int = 6, codec: str = "raw", dtype: str = "float16") -> Tensor:
     shape = (2, n // 2)
-    return Tensor(dtype=dtype, shape=shape, codec=codec,
-                  payload=b"\x00" * tensor_payload_bytes(dtype, shape, codec))
+    return Tensor(
+        dtype=dtype,
+        shape=shape,
+        codec=codec,
+        payload=b"\x00" * tensor_payload_bytes(dtype, shape, codec),
+    )
 
 
 def test_tensor_round_trip_and_sizes() -> None:
-    msg = Carrier(tensors=(tensor(), tensor(codec="int8-block", n=130), tensor(codec="fp16", dtype="float32")))
+    msg = Carrier(
+        tensors=(tensor(), tensor(codec="int8-block", n=130), tensor(codec="fp16", dtype="float32"))
+    )
     assert decode_message(msg.to_wire()) == msg
     assert tensor_payload_bytes("float32", (3, 5), "raw") == 60
     assert tensor_payload_bytes("bfloat16", (130,), "int8-block") == 130 + 2 * 3

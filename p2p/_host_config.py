@@ -1,0 +1,76 @@
+"""Host configuration and peer addresses (pure data; no I/O).
+
+:class:`HostConfig` is the frozen description of a host that :func:`p2p.open_host`
+runs; :func:`parse_peer_addr` splits ``/ip4/.../tcp/N/p2p/<id>`` into its parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import multiaddr.exceptions
+from multiaddr import Multiaddr
+
+from p2p._errors import DialError
+from p2p._peer_id import InvalidPeerIdError, PeerId
+from p2p._pubsub import GossipConfig
+
+__all__ = ["HostConfig", "parse_peer_addr"]
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    """Everything a host needs besides its identity.
+
+    Attributes:
+        listen_addrs: multiaddrs to listen on (``/ip4/0.0.0.0/tcp/0`` = any port).
+        bootstrap: multiaddrs ending in ``/p2p/<peer id>`` to join the swarm through.
+        enable_mdns: discover peers on the LAN (on for laptops, off in tests).
+        psk: a 32-byte pre-shared key: only peers holding it can even handshake.
+        allowed_peers: if set, only these peers may connect (either direction).
+        enable_dht: run the Kademlia DHT (server mode, strict validation).
+        enable_pubsub: run gossipsub.
+        gossip: gossipsub tuning.
+        dial_timeout: seconds allowed for one connect or stream open.
+        bootstrap_retry: seconds between bootstrap attempts while none succeeds.
+        bootstrap_check: seconds between checks that bootstrap peers are connected.
+        target_peers: libp2p's auto-connector dials known peers while fewer than this
+            are connected (its default, 100, makes every node dial everyone).
+    """
+
+    listen_addrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
+    bootstrap: tuple[str, ...] = ()
+    enable_mdns: bool = True
+    psk: bytes | None = None
+    allowed_peers: frozenset[PeerId] | None = None
+    enable_dht: bool = True
+    enable_pubsub: bool = True
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    dial_timeout: float = 10.0
+    bootstrap_retry: float = 2.0
+    bootstrap_check: float = 30.0
+    target_peers: int = 8
+
+    def __post_init__(self) -> None:
+        if self.psk is not None and len(self.psk) != 32:
+            raise ValueError("psk must be 32 bytes")
+        if not self.listen_addrs:
+            raise ValueError("listen_addrs must not be empty")
+
+
+def parse_peer_addr(text: str) -> tuple[PeerId, str]:
+    """Split ``/ip4/.../tcp/N/p2p/<id>`` into the peer id and the transport address.
+
+    Raises:
+        DialError: not a multiaddr, or no valid ``/p2p/`` component.
+    """
+    try:
+        addr = Multiaddr(text)
+        peer_text = addr.get_peer_id()
+        if peer_text is None:
+            raise DialError(f"address {text!r} has no /p2p/<peer id> component")
+        peer = PeerId.from_string(peer_text)
+        transport = addr.decapsulate(Multiaddr(f"/p2p/{peer_text}"))
+    except (multiaddr.exceptions.Error, ValueError, InvalidPeerIdError) as exc:
+        raise DialError(f"bad peer address {text!r}: {exc}") from exc
+    return peer, str(transport)

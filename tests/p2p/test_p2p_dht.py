@@ -1,0 +1,85 @@
+"""Announcements through the strict Kademlia DHT (three hosts on loopback, no gossip)."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import pytest
+import trio
+
+from p2p import (
+    ANNOUNCE_DOMAIN,
+    AnnouncementFields,
+    AnnouncementState,
+    Announcer,
+    HostConfig,
+    Identity,
+    LocalProtocolError,
+    SignedAnnouncement,
+    SwarmView,
+    announcement_key,
+    open_host,
+    verify_announcement,
+)
+
+MODEL = "dht-test-model"
+
+
+def config(bootstrap: tuple[str, ...] = ()) -> HostConfig:
+    return HostConfig(
+        listen_addrs=("/ip4/127.0.0.1/tcp/0",),
+        bootstrap=bootstrap,
+        enable_mdns=False,
+        enable_pubsub=False,
+        bootstrap_retry=0.2,
+    )
+
+
+async def test_announcements_are_found_in_the_dht_and_forgeries_are_refused() -> None:
+    async with AsyncExitStack() as stack:
+        boot = await stack.enter_async_context(open_host(Identity.generate(), config()))
+        server, client = [
+            await stack.enter_async_context(
+                open_host(Identity.generate(), config((boot.listen_addrs()[0],)))
+            )
+            for _ in range(2)
+        ]
+        with trio.fail_after(10):
+            await server.wait_bootstrapped()
+            await client.wait_bootstrapped()
+        announcer = Announcer(server, server.identity, model_id=MODEL, version="t", dht_every=1)
+        fields = AnnouncementFields(0, 2, AnnouncementState.ONLINE, server.listen_addrs())
+        with trio.fail_after(10):
+            await announcer.publish(fields)
+
+        # A newcomer with no gossip at all reads the swarm from the DHT.
+        async with SwarmView.watch(client, MODEL, dht_every_s=0.5) as view:
+            with trio.fail_after(10):
+                while not view.live():
+                    await view.wait_changed(0.2)
+        assert [r.peer_id for r in view.live()] == [server.peer_id]
+
+        # The client tries to store a record naming the server but signed by itself:
+        # the strict validator refuses it before it goes anywhere.
+        dht = client.dht
+        assert dht is not None
+        key = announcement_key(MODEL, server.peer_id)
+        body = SignedAnnouncement.from_wire(announcer.sign(fields)).body
+        forged = SignedAnnouncement(
+            body=body, signature=client.identity.sign(ANNOUNCE_DOMAIN, body)
+        )
+        with pytest.raises(LocalProtocolError):
+            await dht.put(key, forged.to_wire())
+        with pytest.raises(LocalProtocolError):  # keys outside our namespace are refused too
+            await dht.put("/elsewhere/x", b"anything")
+
+        # Stale records lose: the stored value stays the newest genuine one.
+        stale = announcer.sign(fields)
+        fresh = announcer.sign(fields)  # signed later: a higher sequence number
+        with trio.fail_after(10):
+            await dht.put(key, fresh)
+            with pytest.raises(LocalProtocolError):
+                await dht.put(key, stale)
+            value = await dht.get(key)
+        assert value is not None
+        assert verify_announcement(value).seq == verify_announcement(fresh).seq
