@@ -145,9 +145,9 @@ class Client:
         self.last = RunInfo()
 
     async def __aenter__(self) -> Client:
-        stack = AsyncExitStack()
-        await stack.__aenter__()
-        try:
+        # If any step fails, the `async with` unwinds what was entered so far; on success
+        # `pop_all` hands the contexts over to `__aexit__`.
+        async with AsyncExitStack() as stack:
             if self.config.threads:
                 torch.set_num_threads(self.config.threads)
             if self._host is None:
@@ -165,10 +165,7 @@ class Client:
                 self._embed = await trio.to_thread.run_sync(Span.load, self._checkpoint, 0, 1)
                 self._head = await trio.to_thread.run_sync(Span.load, self._checkpoint, n - 1, n)
             self._nursery = await stack.enter_async_context(trio.open_nursery())
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack = stack
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
