@@ -36,6 +36,10 @@ class HostConfig:
         bootstrap_check: seconds between checks that bootstrap peers are connected.
         target_peers: libp2p's auto-connector dials known peers while fewer than this
             are connected (its default, 100, makes every node dial everyone).
+        link_delay_s: WAN emulation: one-way delay added to every message this host sends
+            to another process (0 = none).
+        link_bandwidth_bps: WAN emulation: bytes per second this host may send on each
+            link (0 = unlimited).
     """
 
     listen_addrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
@@ -50,12 +54,18 @@ class HostConfig:
     bootstrap_retry: float = 2.0
     bootstrap_check: float = 30.0
     target_peers: int = 8
+    link_delay_s: float = 0.0
+    link_bandwidth_bps: float = 0.0
 
     def __post_init__(self) -> None:
         if self.psk is not None and len(self.psk) != 32:
             raise ValueError("psk must be 32 bytes")
         if not self.listen_addrs:
             raise ValueError("listen_addrs must not be empty")
+        if not 0.0 <= self.link_delay_s <= 10.0:
+            raise ValueError("link_delay_s must be in [0, 10]")
+        if self.link_bandwidth_bps < 0.0:
+            raise ValueError("link_bandwidth_bps must be >= 0")
 
 
 def parse_peer_addr(text: str) -> tuple[PeerId, str]:
