@@ -10,6 +10,8 @@ Theory of operation
   batches (``PY_YAMUX_RELEASE_ON_READ=0``: one window update per byte read otherwise);
 * ``max_connections_per_peer=1``, which removes libp2p's 250 ms happy-eyeballs wait
   per dial, and an auto-connector target of ``target_peers`` instead of 100;
+* optional WAN emulation (``link_delay_s``, ``link_bandwidth_bps``): every connection's
+  writes are delayed and paced in user space (:mod:`p2p._shaper`);
 * optional private swarm: a pre-shared key (libp2p pnet) and/or a peer-id allowlist
   enforced right after the Noise handshake;
 * gossipsub tuned for announcements (1 s heartbeat, raised spam limit) and a strict
@@ -74,6 +76,7 @@ from p2p._pubsub import PubSub, make_gossipsub
 from p2p._rpc import ReqT, RespT, RpcHandler, RpcSpec, rpc_request, serve_rpc_stream
 from p2p._security import libp2p_key_pair, security_options
 from p2p._session import SessionConfig, SessionStream, session_context
+from p2p._shaper import LinkShaper
 from p2p._streams import Libp2pByteStream
 from p2p._transport import TrackingTCP
 
@@ -444,10 +447,11 @@ async def _open_host(identity: Identity, config: HostConfig) -> AsyncIterator[Ho
     os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
     key_pair = libp2p_key_pair(identity)
     tcp = TrackingTCP()
+    shaper = LinkShaper(delay_s=config.link_delay_s, bandwidth_bps=config.link_bandwidth_bps)
     lp_host = new_host(
         transports=[tcp],
         key_pair=key_pair,
-        sec_opt=security_options(key_pair, config.allowed_peers),
+        sec_opt=security_options(key_pair, config.allowed_peers, shaper),
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         connection_config=ConnectionConfig(
             max_connections_per_peer=1,
@@ -463,6 +467,12 @@ async def _open_host(identity: Identity, config: HostConfig) -> AsyncIterator[Ho
     body_error: Exception | None = None
     async with AsyncExitStack() as stack:
         stack.callback(tcp.close_leftovers)
+        if shaper.enabled:
+            # Shaped links' pumps: entered before the host runs, so it outlives every
+            # connection; cancelled once they are all closed (or leaked by libp2p).
+            links = await stack.enter_async_context(trio.open_nursery())
+            stack.callback(links.cancel_scope.cancel)
+            shaper.bind(links)
         try:
             await stack.enter_async_context(lp_host.run(listen))
         except OSError as exc:

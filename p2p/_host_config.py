@@ -37,9 +37,14 @@ class HostConfig:
         target_peers: libp2p's auto-connector dials known peers while fewer than this
             are connected (its default, 100, makes every node dial everyone).
         link_delay_s: WAN emulation: one-way delay added to every message this host sends
-            to another process (0 = none).
+            to another process (0 = none). The sender is not blocked by it: messages
+            are pipelined and arrive in order, each ``link_delay_s`` after it was sent
+            (plus its serialization time). Applies to every connection (sessions, RPC,
+            gossip, DHT, muxer frames); set it on both hosts for a symmetric link.
         link_bandwidth_bps: WAN emulation: bytes per second this host may send on each
-            link (0 = unlimited).
+            link, i.e. each connection to a peer (0 = unlimited). A message of ``n``
+            bytes takes ``n / link_bandwidth_bps`` to serialize after the ones queued
+            before it; senders block once 256 KiB of backlog is queued.
     """
 
     listen_addrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)

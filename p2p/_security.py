@@ -1,6 +1,6 @@
 """Connection security for the host: Noise only, atomic writes, optional allowlist.
 
-Three py-libp2p sharp edges are absorbed here:
+Three py-libp2p sharp edges are absorbed here, and link shaping is applied:
 
 * **Plaintext offered by default.** ``new_host`` offers plaintext, secio and TLS next to
   Noise unless told otherwise, so a plaintext-only peer would get an unauthenticated,
@@ -16,6 +16,9 @@ Three py-libp2p sharp edges are absorbed here:
   right after it. A write that makes no progress for :data:`WRITE_STALL_TIMEOUT`
   seconds (peer frozen with full TCP buffers) closes the connection instead of
   hanging: after a half-written message nothing else may follow.
+* **WAN emulation.** With a :class:`~p2p._shaper.LinkShaper` enabled, every write
+  of a connection goes through a :class:`~p2p._shaper.ShapedWriter` (delay and
+  bandwidth per connection, FIFO); its pump performs the atomic writes above.
 * **Private swarms.** With an allowlist, :class:`SafeNoise` refuses any authenticated
   peer not on it, in both directions, before a single stream exists. A pre-shared key
   (libp2p's pnet) is the coarser alternative, applied by the swarm below the handshake.
@@ -32,7 +35,7 @@ from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol, TSecurityOptions
-from libp2p.io.exceptions import ConnectionClosedError
+from libp2p.io.exceptions import ConnectionClosedError, IOException
 from libp2p.peer.id import ID
 from libp2p.security.exceptions import HandshakeFailure
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -41,6 +44,7 @@ from libp2p.security.secure_session import SecureSession
 
 from p2p._identity import Identity
 from p2p._peer_id import PeerId
+from p2p._shaper import LinkShaper, ShapedWriter
 
 __all__ = ["libp2p_key_pair", "security_options", "SafeNoise", "WRITE_STALL_TIMEOUT"]
 
@@ -56,9 +60,20 @@ def libp2p_key_pair(identity: Identity) -> KeyPair:
 
 
 class _AtomicWriteSession(SecureSession):
-    """A Noise session whose writes cannot be torn by cancellation."""
+    """A Noise session whose writes cannot be torn by cancellation (and maybe shaped)."""
+
+    shaped: ShapedWriter | None = None  # set by SafeNoise when link shaping is on
 
     async def write(self, data: bytes) -> None:
+        if self.shaped is None:
+            await self._write_now(data)
+            return
+        try:
+            await self.shaped.send(data)
+        except trio.BrokenResourceError as exc:
+            raise ConnectionClosedError(f"shaped link to {self.remote_peer} broke") from exc
+
+    async def _write_now(self, data: bytes) -> None:
         # One scope: the shield keeps outer cancellation out, its own deadline still
         # fires (a stalled peer). Cancellation pending outside is delivered at the
         # caller's next checkpoint (yamux checkpoints right after every frame).
@@ -75,11 +90,28 @@ class _AtomicWriteSession(SecureSession):
                 await self.conn.close()
             raise ConnectionClosedError("write stalled; connection closed")
 
+    async def close(self) -> None:
+        # A shaped link first lets what is in flight arrive (bounded), as TCP would.
+        try:
+            if self.shaped is not None:
+                await self.shaped.aclose()
+        finally:
+            await self.conn.close()
 
-def _atomic(conn: ISecureConn) -> ISecureConn:
+
+# What a write on a dead connection raises (ends a shaped link's pump quietly).
+_WRITE_BROKEN: tuple[type[BaseException], ...] = (
+    IOException,
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)
+
+
+def _atomic(conn: ISecureConn, shaper: LinkShaper | None) -> ISecureConn:
     if not isinstance(conn, SecureSession):
         return conn
-    return _AtomicWriteSession(
+    session = _AtomicWriteSession(
         local_peer=conn.local_peer,
         local_private_key=conn.local_private_key,
         remote_peer=conn.remote_peer,
@@ -87,14 +119,25 @@ def _atomic(conn: ISecureConn) -> ISecureConn:
         is_initiator=conn.is_initiator,
         conn=conn.conn,
     )
+    if shaper is not None:
+        session.shaped = shaper.link(
+            session._write_now, broken=_WRITE_BROKEN, name=f"link to {conn.remote_peer}"
+        )
+    return session
 
 
 class SafeNoise(NoiseTransport):
     """Noise with atomic writes and an optional peer allowlist."""
 
-    def __init__(self, key_pair: KeyPair, allowed: Set[PeerId] | None = None) -> None:
+    def __init__(
+        self,
+        key_pair: KeyPair,
+        allowed: Set[PeerId] | None = None,
+        shaper: LinkShaper | None = None,
+    ) -> None:
         super().__init__(key_pair, noise_privkey=create_x25519_key_pair().private_key)
         self._allowed = None if allowed is None else frozenset(p.raw for p in allowed)
+        self._shaper = shaper
 
     async def _check(self, conn: ISecureConn) -> ISecureConn:
         remote: ID = conn.get_remote_peer()
@@ -102,7 +145,11 @@ class SafeNoise(NoiseTransport):
             logger.warning("refused connection with peer %s: not on the allowlist", remote)
             await conn.close()
             raise HandshakeFailure(f"peer {remote} is not on the allowlist")
-        return _atomic(conn)
+        try:
+            return _atomic(conn, self._shaper)
+        except trio.ClosedResourceError as exc:  # the host is stopping
+            await conn.close()
+            raise HandshakeFailure(f"not accepting connections: {exc}") from exc
 
     async def secure_inbound(self, conn: IRawConnection) -> ISecureConn:
         return await self._check(await super().secure_inbound(conn))
@@ -111,6 +158,8 @@ class SafeNoise(NoiseTransport):
         return await self._check(await super().secure_outbound(conn, peer_id))
 
 
-def security_options(key_pair: KeyPair, allowed: Set[PeerId] | None) -> TSecurityOptions:
+def security_options(
+    key_pair: KeyPair, allowed: Set[PeerId] | None, shaper: LinkShaper | None = None
+) -> TSecurityOptions:
     """The security map to pass to ``new_host``: Noise, and nothing else."""
-    return {TProtocol(NOISE_PROTOCOL_ID): SafeNoise(key_pair, allowed)}
+    return {TProtocol(NOISE_PROTOCOL_ID): SafeNoise(key_pair, allowed, shaper)}
