@@ -24,6 +24,14 @@ a window that holds the same low stages and more wins over a shorter one; then l
 Nodes started together would all see the same swarm and pick the same span; a random startup
 delay (`startup_jitter_s`) orders their joins so each sees the ones before it.
 
+When a gap opens (a node left), every node whose stages others also serve sees the same gap
+at about the same moment, and each would move there. `move_rank` orders them: among the peers
+that could leave their stages without uncovering any (the ones that will want to move), a node
+ranks by peer id. The daemon waits `rank` settle periods before it re-checks and moves, so the
+first mover's `joining` announcement for the gap reaches the others first and their re-check
+then says stay. The rank is computed from announcements alone, so every node computes the same
+order without talking to the others.
+
 `should_rebalance` asks whether moving this node alone to the span `choose_span` would pick
 (with itself taken out of the swarm) raises the swarm's bottleneck by more than a threshold.
 Petals also simulates every other peer moving in turn; that estimates what the whole swarm
@@ -79,6 +87,17 @@ def per_stage_throughput(
     Raises:
         ValueError: `num_stages` < 1, or duplicate peer ids.
     """
+    totals = [0.0] * num_stages
+    for peer in _counted(swarm, num_stages=num_stages, model_id=model_id):
+        for stage in range(peer.start, peer.end):
+            totals[stage] += peer.throughput_tokens_per_s
+    return tuple(totals)
+
+
+def _counted(
+    swarm: Iterable[PeerSnapshot], *, num_stages: int, model_id: str
+) -> list[PeerSnapshot]:
+    """The peers that count toward the swarm's capacity (see `per_stage_throughput`), by id."""
     if not _is_int(num_stages) or num_stages < 1:
         raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
     by_id: dict[str, PeerSnapshot] = {}
@@ -86,14 +105,11 @@ def per_stage_throughput(
         if peer.peer_id in by_id:
             raise ValueError(f"duplicate snapshot for peer {peer.peer_id}")
         by_id[peer.peer_id] = peer
-    totals = [0.0] * num_stages
-    for _, peer in sorted(by_id.items()):
-        counted = peer.state in (PeerState.JOINING, PeerState.ONLINE)
-        if not counted or peer.model_id != model_id or peer.end > num_stages:
-            continue
-        for stage in range(peer.start, peer.end):
-            totals[stage] += peer.throughput_tokens_per_s
-    return tuple(totals)
+    return [
+        peer for _, peer in sorted(by_id.items())
+        if peer.state in (PeerState.JOINING, PeerState.ONLINE)
+        and peer.model_id == model_id and peer.end <= num_stages
+    ]
 
 
 def choose_span(
@@ -175,6 +191,46 @@ def should_rebalance(
     if uncovered_before or uncovered_after:
         return uncovered_after < uncovered_before
     return min(after) > min(before) * min_improvement
+
+
+def move_rank(
+    *,
+    peer_id: str,
+    current: StageSpan,
+    num_stages: int,
+    model_id: str,
+    swarm: Iterable[PeerSnapshot],
+) -> int:
+    """How many peers go before this one when several may move to the same gap.
+
+    A peer "may move" when every stage it serves is also served by another peer (joining or
+    online, this node counted at `current`): those are the ones `should_rebalance` lets leave
+    their stages for a gap. The rank is the number of such peers, other than this node, whose
+    peer id sorts before ours; 0 moves first. Deterministic: the same swarm gives every node
+    the same order, whatever order the snapshots come in.
+
+    Args:
+        peer_id: This node's peer id.
+        current: The span this node serves now.
+        num_stages: As for `choose_span`.
+        model_id: As for `choose_span`; other models' peers are ignored.
+        swarm: The other peers (a snapshot of this node itself is ignored).
+
+    Raises:
+        ValueError: `current` outside the model, `num_stages` < 1, or duplicate peer ids.
+    """
+    if current.end > num_stages:
+        raise ValueError(f"current span {current} is outside the model's {num_stages} stages")
+    others = [p for p in swarm if p.peer_id != peer_id]
+    counted = _counted(others, num_stages=num_stages, model_id=model_id)
+    cover = [0] * num_stages
+    for span in [current, *(p.span for p in counted)]:
+        for stage in span.stages:
+            cover[stage] += 1
+    return sum(
+        1 for p in counted
+        if p.peer_id < peer_id and all(cover[stage] >= 2 for stage in p.span.stages)
+    )
 
 
 def startup_jitter_s(*, rng: random.Random, max_s: float) -> float:

@@ -11,6 +11,7 @@ from node._snapshots import PeerSnapshot, PeerState, StageSpan
 from node._span_choice import (
     SpanDoesNotFitError,
     choose_span,
+    move_rank,
     per_stage_throughput,
     should_rebalance,
     stage_memory_bytes,
@@ -185,6 +186,123 @@ def test_moves_only_past_the_improvement_threshold() -> None:
             stage_bytes=UNIFORM, memory_budget_bytes=70, model_id=MODEL, swarm=swarm,
             min_improvement=0.5,
         )
+
+
+def test_a_balanced_swarm_never_moves() -> None:
+    # Two full copies of the model, in halves: every node already sits where it is needed.
+    swarm = [peer("a", 0, 7), peer("b", 7, 14), peer("c", 0, 7), peer("d", 7, 14)]
+    for me in swarm:
+        others = [p for p in swarm if p is not me]
+        assert not rebalance(me.span, others), me
+
+
+def test_hysteresis_small_throughput_differences_do_not_move() -> None:
+    # The second half is 15 % slower than the first: below the 1.2x margin, nobody moves,
+    # even the node whose move would help a little.
+    swarm = [peer("a", 0, 7, 115.0), peer("b", 7, 14, 100.0), peer("c", 0, 7, 115.0),
+             peer("d", 7, 14, 100.0)]
+    for me in swarm:
+        others = [p for p in swarm if p is not me]
+        assert not rebalance(me.span, others, own=me.throughput_tokens_per_s), me
+    # At three times slower, one of the fast half's nodes moves.
+    swarm[1] = peer("b", 7, 14, 30.0)
+    swarm[3] = peer("d", 7, 14, 30.0)
+    assert rebalance(StageSpan(0, 7), [swarm[1], swarm[2], swarm[3]], own=115.0)
+
+
+def test_a_node_leaving_opens_a_gap_that_exactly_one_node_fills() -> None:
+    # a and c both serve 0-6; b served 7-13 and left. Both would move there ...
+    a, c = peer("a", 0, 7), peer("c", 0, 7)
+    assert rebalance(a.span, [c]) and rebalance(c.span, [a])
+    # ... but a ranks first (c, too, could leave 0-6 without uncovering it), so c waits,
+    # re-checks, sees a joining at 7-13, and stays.
+    assert move_rank(peer_id="a", current=a.span, num_stages=14, model_id=MODEL,
+                     swarm=[c]) == 0
+    assert move_rank(peer_id="c", current=c.span, num_stages=14, model_id=MODEL,
+                     swarm=[a]) == 1
+    moved = peer("a", 7, 14, state=PeerState.JOINING)
+    assert not rebalance(c.span, [moved])
+    assert not rebalance(moved.span, [c])  # and a does not move back
+
+
+def test_move_rank_counts_only_peers_that_could_move_first() -> None:
+    me = StageSpan(0, 7)
+    swarm = [
+        peer("a", 7, 14),  # sole server of 7-13: cannot move, does not go first
+        peer("b", 0, 7),  # shares 0-6 with us: goes first
+        peer("c", 0, 3, state=PeerState.DRAINING),  # leaving: not counted at all
+        peer("d", 0, 7, model_id="model-b"),  # another model
+        peer("z", 0, 7),  # sorts after us
+    ]
+    assert move_rank(peer_id="m", current=me, num_stages=14, model_id=MODEL, swarm=swarm) == 1
+    # A snapshot of ourselves in the view is ignored, and order does not matter.
+    both = [*reversed(swarm), peer("m", 0, 7)]
+    assert move_rank(peer_id="m", current=me, num_stages=14, model_id=MODEL, swarm=both) == 1
+    with pytest.raises(ValueError, match="outside"):
+        move_rank(peer_id="m", current=StageSpan(0, 20), num_stages=14, model_id=MODEL,
+                  swarm=[])
+
+
+def settle(
+    swarm: list[PeerSnapshot], budgets: dict[str, int], costs: Sequence[int], rounds: int
+) -> tuple[list[PeerSnapshot], int]:
+    """Let each node in turn (by peer id) move while `should_rebalance` says so.
+
+    Returns the swarm and the number of moves once a whole round moved nobody.
+    """
+    moves = 0
+    for _ in range(rounds):
+        moved = False
+        for i in sorted(range(len(swarm)), key=lambda k: swarm[k].peer_id):
+            me = swarm[i]
+            others = swarm[:i] + swarm[i + 1 :]
+            kw = dict(num_stages=len(costs), stage_bytes=costs,
+                      memory_budget_bytes=budgets[me.peer_id], model_id=MODEL, swarm=others)
+            if should_rebalance(current=me.span,
+                                own_throughput_tokens_per_s=me.throughput_tokens_per_s, **kw):
+                span = choose_span(**kw)
+                swarm[i] = peer(me.peer_id, span.start, span.end, me.throughput_tokens_per_s)
+                moves += 1
+                moved = True
+        if not moved:
+            return swarm, moves
+    raise AssertionError(f"still moving after {rounds} rounds: {swarm}")
+
+
+def test_random_swarms_settle_and_then_stay_put() -> None:
+    """Every move improves the swarm by a margin, so moving cannot go on forever (no flapping),
+    and a swarm that can cover the model ends up covering it."""
+    rng = random.Random(11)
+    for _ in range(200):
+        n = rng.randint(3, 24)
+        costs = [rng.randint(5, 20) for _ in range(n)]
+        budgets, swarm = {}, []
+        for i in range(rng.randint(1, 8)):
+            name = f"p{i:02d}"
+            budgets[name] = rng.randint(max(costs), sum(costs))
+            span = choose([], costs=costs, budget=budgets[name])
+            start = rng.randint(0, n - span.length)  # anywhere: a swarm after churn
+            swarm.append(peer(name, start, start + span.length, rng.choice([10.0, 30.0, 50.0])))
+        settled, _ = settle(swarm, budgets, costs, rounds=50)
+        again, moves = settle(list(settled), budgets, costs, rounds=2)
+        assert moves == 0 and again == settled
+
+
+def test_after_a_departure_the_survivors_recover_coverage() -> None:
+    """Three nodes that each hold half the model; one leaves; one survivor moves, once."""
+    rng = random.Random(3)
+    for _ in range(50):
+        budgets = {name: 70 for name in ("a", "b", "c")}
+        swarm = join_in_jitter_order(rng.randrange(1000), nodes=3, costs=UNIFORM, budget=70)
+        nodes = [peer(name, s.start, s.end, rng.uniform(80, 120))
+                 for name, s in zip("abc", swarm, strict=True)]
+        nodes, _ = settle(nodes, budgets, UNIFORM, rounds=20)
+        cover = [sum(stage in p.span for p in nodes) for stage in range(14)]
+        sole = next(p for p in nodes if any(cover[s] == 1 for s in p.span.stages))
+        survivors = [p for p in nodes if p is not sole]
+        settled, moves = settle(survivors, budgets, UNIFORM, rounds=20)
+        assert moves == 1
+        assert {s for p in settled for s in p.span.stages} == set(range(14))
 
 
 # --------------------------------------------------------------------------------------------
