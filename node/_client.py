@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
@@ -37,11 +36,10 @@ import trio
 
 from node._errors import GenerationError, HopFailedError, RefusedError
 from node._generate import Forward, GenerationStats, generate_ids, stream_text
-from node._hop import RemoteHop
 from node._local import LocalStages
+from node._pipeline import Pipeline
 from node._routing import (
     BanList,
-    Hop,
     NoRouteError,
     Route,
     RouteRequest,
@@ -51,7 +49,7 @@ from node._routing import (
 from node._sampling import Sampler, SamplingParams
 from node._snapshots import PeerSnapshot
 from node._textgen import eos_id
-from p2p import Host, HostConfig, Identity, PeerId, SessionConfig, open_host
+from p2p import Host, HostConfig, Identity, open_host
 from sharding import EMBEDDED_MODEL, Checkpoint, ModelConfig, Span, Tokenizer
 
 
@@ -85,6 +83,14 @@ class ClientConfig:
     dead_after_s: float = 5.0
     threads: int | None = None
     max_failovers: int = 8
+    push: str = "auto"
+    prefill_chunk: int = 32
+
+    def __post_init__(self) -> None:
+        if self.push not in ("auto", "on", "off"):
+            raise ValueError("push must be 'auto', 'on' or 'off'")
+        if self.prefill_chunk < 0:
+            raise ValueError("prefill_chunk must be >= 0 (0 = never chunk)")
 
 
 @dataclass(slots=True)
@@ -96,6 +102,7 @@ class RunInfo:
     local_stages: tuple[tuple[int, int], ...] = ()
     failovers: int = 0
     failover_s: float = 0.0
+    push: bool = False
 
     def describe_route(self) -> str:
         parts = [f"local[{a},{b})" for a, b in self.local_stages if a == 0]
@@ -210,29 +217,11 @@ class Client:
 
     # -- generation --------------------------------------------------------------------------
 
-    async def _open_hops(self, route: Route, max_length: int) -> list[RemoteHop]:
-        nursery = self._nursery
-        swarm = self._swarm
-        if nursery is None or swarm is None:
-            raise GenerationError("the client is not running")
-        c = self.model_config
-        hops: list[RemoteHop] = []
-        for hop in route.hops:
-            remote = RemoteHop(
-                self.host, peer=PeerId.from_string(hop.peer_id), addrs=swarm.addrs(hop.peer_id),
-                start=hop.start, end=hop.end, model_id=self.model_id, max_length=max_length,
-                codec=self.config.codec, session_id=secrets.token_bytes(16),
-                hidden_size=c.hidden_size,
-                vocab_size=c.vocab_size, num_stages=c.num_stages,
-                session_config=SessionConfig(dead_after=self.config.dead_after_s))
-            try:
-                await nursery.start(remote.run)
-            except (HopFailedError, RefusedError):
-                for opened in hops:
-                    opened.aclose()
-                raise
-            hops.append(remote)
-        return hops
+    def running(self) -> tuple[trio.Nursery, SwarmSource]:
+        """The nursery hop sessions run in and the swarm view (inside `async with` only)."""
+        if self._nursery is None or self._swarm is None:
+            raise GenerationError("the client is not running (use `async with Client(...)`)")
+        return self._nursery, self._swarm
 
     @asynccontextmanager
     async def _pipeline(self, max_length: int, tokens: int,
@@ -242,81 +231,21 @@ class Client:
             raise GenerationError(
                 f"prompt ({tokens} tokens) + new tokens ({max_length - tokens}) exceeds "
                 f"the model's {self.model_config.max_position_embeddings} positions")
-        route = await self.route(max_length, tokens)
-        info.route = route
-        try:
-            hops = await self._open_hops(route, max_length)
-        except (HopFailedError, RefusedError) as exc:
-            self._failed(exc)
-            raise GenerationError(f"could not open the route: {exc}") from exc
-        local: list[LocalStages] = []
-        n = self.model_config.num_stages
+        embed = head = None
         if self._embed is not None and self._head is not None:
-            local = [LocalStages(self._embed, max_length=max_length, limiter=self.limiter),
-                     LocalStages(self._head, max_length=max_length, limiter=self.limiter)]
+            n = self.model_config.num_stages
+            embed = LocalStages(self._embed, max_length=max_length, limiter=self.limiter)
+            head = LocalStages(self._head, max_length=max_length, limiter=self.limiter)
             info.local_stages = ((0, 1), (n - 1, n))
-
-        async def forward(position: int, ids: torch.Tensor) -> torch.Tensor:
-            x = ids
-            if local:
-                x = await local[0].step(position, x, last_only=False)
-            i = 0
-            while i < len(hops):
-                try:
-                    x = await self._step(hops[i], position, x)
-                except _HOP_FAILURES as exc:
-                    hops[i:i + 1] = await self._replace(hops[i], exc, max_length, info)
-                    info.route = Route(hops=tuple(Hop(h.peer_id, h.start, h.end) for h in hops),
-                                       cost_s=route.cost_s)
-                    continue  # the same step, now on the replacement's first hop
-                i += 1
-            if local:
-                x = await local[1].step(position, x[:, -1:], last_only=True)
-            return x[0, -1].float()
-
+        pipeline = Pipeline(self, max_length=max_length, prompt_tokens=tokens, info=info,
+                            embed=embed, head=head)
         try:
-            yield forward
+            await pipeline.open_route()
+            yield pipeline.forward
         except RefusedError as exc:
             raise GenerationError(str(exc)) from exc
         finally:
-            for hop in hops:
-                hop.aclose()
-
-    async def _step(self, hop: RemoteHop, position: int, x: torch.Tensor) -> torch.Tensor:
-        """One step on one hop, under the step timeout; the input is kept for failover."""
-        with trio.fail_after(self.config.step_timeout_s):
-            out = await hop.step(position, x, last_only=hop.returns_logits)
-        hop.history.append((position, x))
-        return out
-
-    async def _replace(self, failed: RemoteHop, exc: Exception, max_length: int,
-                       info: RunInfo) -> list[RemoteHop]:
-        """Failover: ban the peer, route its stages anew, replay its kept inputs.
-
-        The replacement (one peer or several) rebuilds its KV cache from exactly the inputs
-        the failed hop received, step by step as they were sent, so it computes exactly what
-        the failed hop would have and greedy output does not change.
-        """
-        if isinstance(exc, RefusedError) and not exc.retryable:
-            raise exc
-        failed.aclose()
-        info.failovers += 1
-        if info.failovers > self.config.max_failovers:
-            raise GenerationError(f"gave up after {info.failovers - 1} failovers: {exc}") from exc
-        self.bans = self.bans.record_failure(failed.peer_id, now=time.monotonic())
-        started = time.perf_counter()
-        route = await self.route(max_length, 1, stages=(failed.start, failed.end))
-        try:
-            fresh = await self._open_hops(route, max_length)
-        except (HopFailedError, RefusedError) as open_exc:
-            self._failed(open_exc)
-            raise GenerationError(f"failover could not open {open_exc}") from open_exc
-        for position, kept in failed.history:
-            h = kept
-            for hop in fresh:
-                h = await self._step(hop, position, h)
-        info.failover_s += time.perf_counter() - started
-        return fresh
+            pipeline.close()
 
     async def generate_ids(
         self, prompt_ids: Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,

@@ -2,16 +2,20 @@
 
 Theory of operation: `RemoteHop.run` is a task in the client's nursery that opens the session
 stream, performs the handshake (`OpenSession` -> `SessionOpened`), reports itself started, and
-then just holds the session open until `aclose()`. Steps are sent from the caller's task
-(`step()`), one at a time per hop, under a timeout set at the call site. Every failure of the
-peer — a broken or dead stream, a timeout, a refusal — surfaces from `step()` as a
-`HopFailedError` or `RefusedError` naming the peer, never as an exception inside the client's
-nursery, so one bad hop can be replaced without disturbing the others.
+then reads the hop's replies until `aclose()`. Every reply — a `StepOutput`, a `Refusal`, or the
+error that ended the stream — goes, tagged with the hop, into one channel shared by all hops of
+a pipeline. The pipeline is the single consumer: with push, the first hop forwards each step
+down the chain by itself and the replies of every hop arrive on their own streams, in whatever
+order; one channel lets the pipeline wait for "all of them, or the first failure" without a
+task per hop per token. Nothing a peer does raises inside the client's nursery: a dead peer is
+an `HopEvent` carrying the error, so one bad hop can be replaced without disturbing the others.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,21 +23,46 @@ import trio
 
 from node._errors import HopFailedError, RefusedError
 from node._protocol import PROTOCOL, OpenSession, Refusal, SessionOpened, Step, StepOutput
-from node._tensors import hidden_from_wire, hidden_to_wire, ids_to_wire
-from p2p import Host, P2PError, PeerId, SessionConfig, SessionStream, parse_peer_addr
+from node._tensors import hidden_from_wire
+from p2p import Host, P2PError, PeerId, SessionConfig, SessionStream, Tensor, parse_peer_addr
 from sharding import ShardingError
 
 if TYPE_CHECKING:  # trio-typing's stubs (pulled in by libp2p) shadow trio's own annotations
     from trio_typing import TaskStatus
 
 
+@dataclass(frozen=True, slots=True)
+class HopEvent:
+    """A reply of `hop` (`StepOutput` or `Refusal`), or the error that ended its session."""
+
+    hop: RemoteHop
+    reply: StepOutput | Refusal | None = None
+    error: HopFailedError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """One input a hop was sent, kept so a replacement can replay it exactly."""
+
+    step: int
+    position: int
+    input: Tensor
+
+
 class RemoteHop:
-    """One session on `peer` for stages `[start, end)`."""
+    """One session on `peer` for stages `[start, end)`.
+
+    `successor` (the next hop's address and session id) and `predecessor` (the previous hop's
+    peer id) are set when the route uses push.
+    """
 
     def __init__(self, host: Host, *, peer: PeerId, addrs: tuple[str, ...], start: int, end: int,
                  model_id: str, max_length: int, codec: str, session_id: bytes,
                  hidden_size: int, vocab_size: int, num_stages: int,
-                 session_config: SessionConfig) -> None:
+                 session_config: SessionConfig,
+                 events: trio.MemorySendChannel[HopEvent],
+                 successor: tuple[tuple[str, ...], bytes] | None = None,
+                 predecessor: str = "") -> None:
         self.host = host
         self.peer = peer
         self.addrs = addrs
@@ -46,27 +75,30 @@ class RemoteHop:
         self.vocab_size = vocab_size
         self.returns_logits = end == num_stages
         self.session_config = session_config
+        self.successor = successor
+        self.predecessor = predecessor
+        self.pushing = False  # the server confirmed its push stream to the successor
         self.session: SessionStream | None = None
-        self.steps = 0
-        # Every input this hop was sent, as (position, tensor): a replacement replays them.
-        self.history: list[tuple[int, torch.Tensor]] = []
+        self.history: list[Kept] = []
         self.compute_s = 0.0
+        self.failed: HopFailedError | None = None
+        self._events = events
         self._closed = trio.Event()
-        self._lock = trio.Lock()
 
     @property
     def peer_id(self) -> str:
         return str(self.peer)
 
-    def _failed(self, detail: str) -> HopFailedError:
+    def failure(self, detail: str) -> HopFailedError:
         return HopFailedError(self.peer_id, detail)
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Open the session, report started, hold it until `aclose()`.
+        """Open the session, report started, then deliver replies until `aclose()`.
 
         Errors before `started` propagate to the `nursery.start` caller; after it, a failing
-        peer is seen by the next `step()` and this task simply ends.
+        peer becomes a `HopEvent` with the error and this task simply ends.
         """
+        succ_addrs, succ_session = self.successor or ((), b"")
         try:
             if self.addrs and not self.host.is_connected(self.peer):
                 await self.host.connect_peer(self.peer, _transports(self.peer, self.addrs))
@@ -74,52 +106,74 @@ class RemoteHop:
                                               config=self.session_config) as session:
                 await session.send(OpenSession(
                     session_id=self.session_id, model_id=self.model_id, start=self.start,
-                    end=self.end, max_length=self.max_length, codec=self.codec))
+                    end=self.end, max_length=self.max_length, codec=self.codec,
+                    successor=succ_addrs, successor_session=succ_session,
+                    predecessor=self.predecessor))
                 reply = await session.receive()
                 if isinstance(reply, Refusal):
                     raise RefusedError(reply.code, reply.detail, retryable=reply.retryable)
                 if not isinstance(reply, SessionOpened) or reply.session_id != self.session_id:
-                    raise self._failed(f"unexpected reply {reply.wire_name} to OpenSession")
+                    raise self.failure(f"unexpected reply {reply.wire_name} to OpenSession")
+                self.pushing = reply.pushing
                 self.session = session
                 task_status.started()
-                await self._closed.wait()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read, session, nursery.cancel_scope)
+                    await self._closed.wait()
+                    nursery.cancel_scope.cancel()
         except P2PError as exc:
             if self.session is None:
-                raise self._failed(str(exc)) from exc
+                raise self.failure(str(exc)) from exc
+            self._report(self.failure(str(exc)))
         finally:
             self.session = None
 
-    async def step(self, position: int, x: torch.Tensor, *, rollback: bool = False,
-                   last_only: bool = False) -> torch.Tensor:
-        """Send one step and wait for its output (the caller sets the timeout)."""
-        session = self.session
-        if session is None:
-            raise self._failed("session is closed")
-        payload = ids_to_wire(x) if self.start == 0 else hidden_to_wire(x, self.codec)
-        msg = Step(step=self.steps, position=position, input=payload, rollback=rollback,
-                   last_only=last_only)
-        async with self._lock:
-            try:
-                await session.send(msg)
+    async def _read(self, session: SessionStream, scope: trio.CancelScope) -> None:
+        try:
+            while True:
                 reply = await session.receive()
-            except P2PError as exc:
-                raise self._failed(str(exc)) from exc
-        if isinstance(reply, Refusal):
-            raise RefusedError(reply.code, reply.detail, retryable=reply.retryable)
-        if not isinstance(reply, StepOutput) or reply.step != msg.step:
-            raise self._failed(f"unexpected reply {reply.wire_name} to step {msg.step}")
-        self.steps += 1
-        if math.isfinite(reply.compute_s):
+                if isinstance(reply, StepOutput | Refusal):
+                    self._events.send_nowait(HopEvent(self, reply=reply))
+                else:
+                    raise self.failure(f"unexpected {reply.wire_name} in a session")
+        except P2PError as exc:
+            self._report(self.failure(str(exc)))
+        except HopFailedError as exc:
+            self._report(exc)
+        scope.cancel()
+
+    def _report(self, error: HopFailedError) -> None:
+        if self.failed is None and not self._closed.is_set():
+            self.failed = error
+            with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                self._events.send_nowait(HopEvent(self, error=error))
+
+    async def send(self, step: int, position: int, payload: Tensor, *, rollback: bool = False,
+                   last_only: bool = False, push: bool = False) -> None:
+        """Send one step (its reply arrives as a `HopEvent`)."""
+        session = self.session
+        if session is None or self.failed is not None:
+            raise self.failed or self.failure("session is closed")
+        msg = Step(step=step, position=position, input=payload, rollback=rollback,
+                   last_only=last_only, push=push)
+        try:
+            await session.send(msg)
+        except P2PError as exc:
+            raise self.failure(str(exc)) from exc
+
+    def check_output(self, reply: StepOutput, tokens: int, last_only: bool) -> torch.Tensor:
+        """Decode and check a step's output; `HopFailedError` blames this hop if it is bad."""
+        if math.isfinite(reply.compute_s) and reply.compute_s >= 0:
             self.compute_s += reply.compute_s
         width = self.vocab_size if self.returns_logits else self.hidden_size
         try:
-            out = hidden_from_wire(reply.output, max_elements=max(1, x.shape[1]) * width)
+            out = hidden_from_wire(reply.output, max_elements=max(1, tokens) * width)
         except ShardingError as exc:
-            raise self._failed(f"bad output: {exc}") from exc
-        expected_t = 1 if last_only and self.returns_logits else x.shape[1]
+            raise self.failure(f"bad output: {exc}") from exc
+        expected_t = 1 if last_only and self.returns_logits else tokens
         if out.dim() != 3 or out.shape[0] != 1 or out.shape[1] != expected_t \
                 or out.shape[2] != width:
-            raise self._failed(f"output of shape {list(out.shape)}, expected "
+            raise self.failure(f"output of shape {list(out.shape)}, expected "
                                f"[1, {expected_t}, {width}]")
         return out
 

@@ -7,6 +7,14 @@ A client opens one session stream per hop and speaks:
     ...                              (a Refusal to a step leaves the session usable unless the
                                       stream is then closed by the server)
 
+Push (server-to-server): the client opens the hops last to first and tells each hop its
+successor (`successor`, `successor_session`) and its predecessor's peer id. The hop opens one
+stream to its successor and sends `PushOpen(successor_session)`; the successor accepts it only
+from the declared predecessor. A client `Step` with `push` set is then computed by the first
+hop, forwarded as a `Step` on the push stream, and so on down the chain; every hop also sends
+its `StepOutput` to the client (the client keeps them: they are the next hop's inputs, which a
+replacement replays after a failure), with `pushed` saying whether the forward succeeded.
+
 Token ids travel as an int64 `raw` tensor (B=1, T); hidden states as (1, T, C) in the
 session's codec; logits as (1, T or 1, V) `raw`. Everything is validated by the p2p message
 layer (types, sizes) and then by the server against the session (shapes, positions).
@@ -21,6 +29,7 @@ from p2p import Message, Tensor, WireLimits, message
 PROTOCOL = "/shardnet/inference/1"
 SESSION_ID_BYTES = 16
 _MAX_TEXT = 512
+_MAX_ADDRS = 8
 
 
 @message("shardnet.OpenSession", 1)
@@ -34,10 +43,19 @@ class OpenSession(Message):
     end: int
     max_length: int
     codec: str = "int8-block"
+    successor: tuple[str, ...] = ()
+    successor_session: bytes = b""
+    predecessor: str = ""
 
     def validate(self, limits: WireLimits) -> None:
         if len(self.session_id) != SESSION_ID_BYTES:
             raise ValueError(f"session_id must be {SESSION_ID_BYTES} bytes")
+        if len(self.successor) > _MAX_ADDRS or any(len(a) > _MAX_TEXT for a in self.successor):
+            raise ValueError("too many or too long successor addresses")
+        if self.successor and len(self.successor_session) != SESSION_ID_BYTES:
+            raise ValueError(f"successor_session must be {SESSION_ID_BYTES} bytes")
+        if len(self.predecessor) > 128:
+            raise ValueError("predecessor peer id too long")
         if not 0 < len(self.model_id) <= 128:
             raise ValueError("model_id length out of range")
         if not 0 <= self.start < self.end:
@@ -51,10 +69,12 @@ class OpenSession(Message):
 @message("shardnet.SessionOpened", 1)
 @dataclass(frozen=True, slots=True)
 class SessionOpened(Message):
-    """The server holds a KV cache for the session; `dtype` is what it computes in."""
+    """The server holds a KV cache for the session; `dtype` is what it computes in, and
+    `pushing` whether it holds a push stream to the successor the client named."""
 
     session_id: bytes
     dtype: str
+    pushing: bool = False
 
 
 @message("shardnet.Step", 1)
@@ -67,6 +87,7 @@ class Step(Message):
     input: Tensor
     rollback: bool = False
     last_only: bool = False
+    push: bool = False
 
     def validate(self, limits: WireLimits) -> None:
         if self.step < 0 or self.position < 0:
@@ -82,16 +103,30 @@ class StepOutput(Message):
     position: int
     output: Tensor
     compute_s: float = 0.0
+    pushed: bool = False
+
+
+@message("shardnet.PushOpen", 1)
+@dataclass(frozen=True, slots=True)
+class PushOpen(Message):
+    """First message of a push stream: the sender is the predecessor of `session_id`."""
+
+    session_id: bytes
+
+    def validate(self, limits: WireLimits) -> None:
+        if len(self.session_id) != SESSION_ID_BYTES:
+            raise ValueError(f"session_id must be {SESSION_ID_BYTES} bytes")
 
 
 @message("shardnet.Refusal", 1)
 @dataclass(frozen=True, slots=True)
 class Refusal(Message):
-    """A typed refusal (see `RefusedError` for the codes)."""
+    """A typed refusal (see `RefusedError` for the codes); `step` names the refused step."""
 
     code: str
     detail: str = ""
     retryable: bool = False
+    step: int = -1
 
     def validate(self, limits: WireLimits) -> None:
         if not 0 < len(self.code) <= 32 or len(self.detail) > _MAX_TEXT:

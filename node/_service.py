@@ -1,39 +1,102 @@
-"""The inference service (`/shardnet/inference/1`): one session per stream.
+"""The inference service (`/shardnet/inference/1`): client sessions and push streams.
 
 The p2p layer gives each inbound stream a `SessionStream` (framing, heartbeats, flow control);
-this handler speaks the inference protocol on it. A session's KV cache lives exactly as long as
-its stream: whatever ends the stream — the client's close, a dead or frozen client declared
-dead by heartbeats, a protocol violation, the node shutting down — the `finally` frees it.
-A refused request is answered with a typed `Refusal` and the stream stays usable, so one bad
-step costs the client one round trip, never the node.
+this handler speaks the inference protocol on it. A stream starts with either
+
+* `OpenSession` from a client: the session's KV cache lives exactly as long as this stream.
+  Whatever ends it — the client's close, a dead or frozen client declared dead by heartbeats,
+  a protocol violation, the node shutting down — the `finally` frees it. When the client names
+  a successor, the node first opens a push stream to it and says in `SessionOpened` whether
+  that worked; or
+* `PushOpen` from the previous hop of a session opened here, accepted only from the peer the
+  client named as predecessor: its steps are computed exactly like the client's own.
+
+Each step's output goes to the client, and, when the step asks for push, first to the
+successor: the forward is on the critical path, the copy to the client is for failover. A
+per-session lock keeps the two sources of steps (client stream, push stream) in order. A
+refused request is answered with a typed `Refusal` naming the step, and the stream stays
+usable, so one bad step costs the client one round trip, never the node.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import weakref
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+import trio
 
 from node._errors import RefusedError
-from node._protocol import OpenSession, Refusal, SessionOpened, Step
-from node._worker import SpanWorker
-from p2p import P2PError, SessionStream, StreamClosedError
+from node._protocol import (
+    PROTOCOL,
+    OpenSession,
+    PushOpen,
+    Refusal,
+    SessionOpened,
+    Step,
+)
+from node._worker import SpanWorker, WorkerSession
+from p2p import Host, P2PError, PeerId, SessionStream, StreamClosedError, parse_peer_addr
 
 logger = logging.getLogger(__name__)
 
-
-def _refusal(exc: RefusedError) -> Refusal:
-    return Refusal(code=exc.code[:32], detail=exc.detail[:512], retryable=exc.retryable)
+PUSH_OPEN_TIMEOUT_S = 5.0
 
 
-async def serve_inference(worker: SpanWorker, session: SessionStream) -> None:
-    """Serve one client session on `session` until it ends; never raises on bad input."""
+@dataclass(slots=True)
+class _Served:
+    """A client session open on this node, reachable by its predecessor's push stream."""
+
+    ws: WorkerSession
+    client: SessionStream
+    predecessor: str
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    push: SessionStream | None = None
+    attached: bool = False
+    closed: bool = False
+
+
+# The open sessions of each worker, by session id: the push handler looks them up.
+_SERVED: weakref.WeakKeyDictionary[SpanWorker, dict[bytes, _Served]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _refusal(exc: RefusedError, step: int = -1) -> Refusal:
+    return Refusal(code=exc.code[:32], detail=exc.detail[:512], retryable=exc.retryable,
+                   step=step)
+
+
+async def serve_inference(worker: SpanWorker, session: SessionStream, *,
+                          host: Host | None = None) -> None:
+    """Serve one inbound stream until it ends; never raises on bad input.
+
+    Without `host` the node cannot dial successors and answers push requests with
+    `pushing=False` (the client then drives every hop itself).
+    """
     peer = str(session.peer)[:16] if session.peer is not None else "?"
     try:
         request = await session.receive()
     except StreamClosedError:
         return
-    if not isinstance(request, OpenSession):
-        await session.send(Refusal(code="bad-request", detail="expected OpenSession first"))
+    except P2PError as exc:
+        logger.info("stream from %s ended before its first message: %s", peer, exc)
         return
+    try:
+        if isinstance(request, OpenSession):
+            await _serve_client(worker, session, request, host, peer)
+        elif isinstance(request, PushOpen):
+            await _serve_push(worker, session, request, peer)
+        else:
+            await session.send(Refusal(code="bad-request",
+                                       detail="expected OpenSession or PushOpen first"))
+    except P2PError as exc:
+        logger.info("stream from %s ended: %s", peer, exc)
+
+
+async def _serve_client(worker: SpanWorker, session: SessionStream, request: OpenSession,
+                        host: Host | None, peer: str) -> None:
     try:
         ws = worker.open(request)
     except RefusedError as exc:
@@ -41,29 +104,127 @@ async def serve_inference(worker: SpanWorker, session: SessionStream) -> None:
         await session.send(_refusal(exc))
         return
     sid = request.session_id.hex()[:8]
-    logger.info("session %s from %s: stages [%d, %d), max_length %d, codec %s", sid, peer,
-                request.start, request.end, request.max_length, request.codec)
+    logger.info("session %s from %s: stages [%d, %d), max_length %d, codec %s%s", sid, peer,
+                request.start, request.end, request.max_length, request.codec,
+                ", push" if request.successor else "")
+    served = _Served(ws=ws, client=session, predecessor=request.predecessor)
+    table = _SERVED.setdefault(worker, {})
+    table[request.session_id] = served
     try:
-        await session.send(SessionOpened(session_id=request.session_id,
-                                         dtype=str(worker.span.dtype).removeprefix("torch.")))
-        while True:
-            try:
-                msg = await session.receive()
-            except StreamClosedError:
-                return
-            if not isinstance(msg, Step):
-                await session.send(Refusal(code="bad-request",
-                                           detail=f"unexpected {msg.wire_name} in a session"))
-                continue
-            try:
-                out = await worker.step(ws, msg)
-            except RefusedError as exc:
-                logger.info("session %s from %s: refused step %d: %s", sid, peer, msg.step, exc)
-                await session.send(_refusal(exc))
-                continue
-            await session.send(out)
+        async with AsyncExitStack() as stack:
+            if request.successor:
+                served.push = await _open_push(stack, host, session, request, sid)
+            await session.send(SessionOpened(
+                session_id=request.session_id, pushing=served.push is not None,
+                dtype=str(worker.span.dtype).removeprefix("torch.")))
+            while True:
+                try:
+                    msg = await session.receive()
+                except StreamClosedError:
+                    return
+                if not isinstance(msg, Step):
+                    await session.send(Refusal(code="bad-request",
+                                               detail=f"unexpected {msg.wire_name} in a session"))
+                    continue
+                await _process(worker, served, msg, sid, peer)
     except P2PError as exc:
         logger.info("session %s from %s ended: %s", sid, peer, exc)
     finally:
+        served.closed = True
+        table.pop(request.session_id, None)
         worker.close(request.session_id)
         logger.info("session %s closed; %d open", sid, len(worker.sessions))
+
+
+async def _open_push(stack: AsyncExitStack, host: Host | None, client: SessionStream,
+                     request: OpenSession, sid: str) -> SessionStream | None:
+    """The push stream to the successor, or None (the client then drives that link)."""
+    if host is None:
+        return None
+    try:
+        peer, transports = _successor(request.successor)
+        with trio.fail_after(PUSH_OPEN_TIMEOUT_S):
+            if not host.is_connected(peer):
+                await host.connect_peer(peer, transports)
+        # Not under the timeout: the session's nursery must not straddle a cancel scope
+        # (the host bounds the stream open by its dial timeout).
+        push = await stack.enter_async_context(
+            host.open_session(peer, PROTOCOL, config=client.config))
+        with trio.fail_after(PUSH_OPEN_TIMEOUT_S):
+            await push.send(PushOpen(session_id=request.successor_session))
+            reply = await push.receive()
+    except (P2PError, trio.TooSlowError, ValueError) as exc:
+        logger.info("session %s: no push stream to the successor: %s", sid, exc)
+        return None
+    if not isinstance(reply, SessionOpened):
+        detail = reply.detail if isinstance(reply, Refusal) else reply.wire_name
+        logger.info("session %s: successor refused the push stream: %s", sid, detail)
+        return None
+    return push
+
+
+def _successor(addrs: tuple[str, ...]) -> tuple[PeerId, list[str]]:
+    """The successor's peer id and transport addresses (all must name the same peer)."""
+    parsed = [parse_peer_addr(a) for a in addrs]
+    peers = {p for p, _ in parsed}
+    if len(peers) != 1:
+        raise ValueError("successor addresses must name exactly one peer")
+    return parsed[0][0], [t for _, t in parsed]
+
+
+async def _serve_push(worker: SpanWorker, stream: SessionStream, request: PushOpen,
+                      peer: str) -> None:
+    served = _SERVED.get(worker, {}).get(request.session_id)
+    sender = str(stream.peer) if stream.peer is not None else ""
+    if served is None or served.closed or not served.predecessor \
+            or served.predecessor != sender or served.attached:
+        logger.info("refused a push stream from %s", peer)
+        await stream.send(Refusal(code="no-session",
+                                  detail="no session here expects pushes from you"))
+        return
+    served.attached = True
+    sid = request.session_id.hex()[:8]
+    await stream.send(SessionOpened(session_id=request.session_id,
+                                    dtype=str(worker.span.dtype).removeprefix("torch.")))
+    while not served.closed:
+        try:
+            msg = await stream.receive()
+        except StreamClosedError:
+            return
+        if not isinstance(msg, Step):
+            await stream.send(Refusal(code="bad-request",
+                                      detail=f"unexpected {msg.wire_name} in a push stream"))
+            return
+        if served.closed:
+            return
+        await _process(worker, served, msg, sid, peer)
+
+
+async def _process(worker: SpanWorker, served: _Served, step: Step, sid: str,
+                   peer: str) -> None:
+    """Compute one step; push its output on when asked; answer the client.
+
+    Errors sending to the client end the caller's stream (they propagate as `P2PError`); a
+    failed push only clears the push stream and says `pushed=False` to the client.
+    """
+    async with served.lock:
+        if served.closed:
+            return
+        try:
+            out = await worker.step(served.ws, step)
+        except RefusedError as exc:
+            logger.info("session %s from %s: refused step %d: %s", sid, peer, step.step, exc)
+            await served.client.send(_refusal(exc, step.step))
+            return
+        pushed = False
+        if step.push and served.push is not None:
+            try:
+                await served.push.send(Step(step=step.step, position=step.position,
+                                            input=out.output, rollback=step.rollback,
+                                            last_only=step.last_only, push=True))
+                pushed = True
+            except P2PError as exc:
+                logger.info("session %s: push to the successor failed: %s", sid, exc)
+                served.push = None
+        await served.client.send(dataclasses.replace(out, pushed=pushed)
+                                 if pushed else out)

@@ -1,0 +1,373 @@
+"""One generation's chain of hops: push or client-driven steps, and failover.
+
+Theory of operation
+-------------------
+A `Pipeline` owns the sessions of one generation (one `RemoteHop` per hop of the route) and
+runs each forward step across them. It is the single consumer of the hops' `HopEvent`s.
+
+*Push* (the default when every link works): the hops are opened last to first, each told its
+successor, and a step is sent to the first hop only; each hop forwards its output to the next
+and also sends it back here. A token then crosses one leg per hop plus one back, instead of
+two per hop. *Client-driven*: the client sends every hop its input itself. Both modes can mix
+within one step: when a hop says it did not push (`pushed=False`), the client sends the next
+hop that output itself and the chain goes on from there.
+
+Every hop's output arrives here either way; it is checked (blaming the hop that produced it)
+and kept as the next hop's input history. A step is done when the last hop's output is in.
+While waiting, the decision point is the first hop `m` without an output: if `m` failed (its
+stream broke, its heartbeats stopped, it refused the step, it sent garbage, or it timed out),
+it is replaced — banned with backoff, its stages re-routed (maybe over several peers), the
+replacement rebuilt by replaying `m`'s kept inputs step by step — and the step goes on from
+`m`, client-driven for the rest of the generation. Replayed and resent steps carry `rollback`,
+which makes them idempotent: a hop that already computed a position (e.g. from a push of a
+hop that then died) recomputes it from the same cache prefix and the same input, so greedy
+output is identical with or without a failure.
+
+A multi-token prompt in push mode is cut into chunks sent back to back, so the hops work on
+different chunks at once (pipeline parallelism over the prompt); if anything fails during
+that, the whole pipeline is reopened on a fresh route and the prompt sent again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+import torch
+import trio
+
+from node._errors import GenerationError, HopFailedError, RefusedError
+from node._hop import HopEvent, Kept, RemoteHop
+from node._local import LocalStages
+from node._protocol import Refusal, StepOutput
+from node._routing import Hop, Route
+from node._tensors import hidden_to_wire, ids_to_wire
+from p2p import PeerId, SessionConfig, Tensor
+
+if TYPE_CHECKING:
+    from node._client import Client, RunInfo
+
+
+class _Restart(Exception):
+    """A chunked push prefill failed: reopen the pipeline and send the prompt again."""
+
+    def __init__(self, hop: RemoteHop, error: Exception) -> None:
+        super().__init__(str(error))
+        self.hop = hop
+        self.error = error
+
+
+class Pipeline:
+    """The hops of one generation and how a step crosses them."""
+
+    def __init__(self, client: Client, *, max_length: int, prompt_tokens: int, info: RunInfo,
+                 embed: LocalStages | None, head: LocalStages | None) -> None:
+        self.client = client
+        self.config = client.config
+        self.max_length = max_length
+        self.prompt_tokens = prompt_tokens
+        self.info = info
+        self.embed, self.head = embed, head
+        self.hops: list[RemoteHop] = []
+        self.push = False
+        self._step = 0
+        self._send, self._events = trio.open_memory_channel[HopEvent](math.inf)
+
+    # -- opening -----------------------------------------------------------------------------
+
+    async def open(self, route: Route) -> None:
+        """Open the route's sessions (push when it has more than one hop and it is allowed)."""
+        self.push = self.config.push != "off" and len(route.hops) > 1
+        self.hops = await self._open_hops(route, push=self.push)
+        self.push = self.push and all(h.pushing for h in self.hops[:-1])
+        self.info.route = route
+        self.info.push = self.push
+
+    async def _open_hops(self, route: Route, *, push: bool) -> list[RemoteHop]:
+        """Open hops last to first (a hop's successor session must exist before it pushes)."""
+        client = self.client
+        nursery, swarm = client.running()
+        c = client.model_config
+        ids = [secrets.token_bytes(16) for _ in route.hops]
+        opened: list[RemoteHop] = []
+        for i in reversed(range(len(route.hops))):
+            hop = route.hops[i]
+            successor = None
+            if push and i + 1 < len(route.hops):
+                successor = (swarm.addrs(route.hops[i + 1].peer_id), ids[i + 1])
+            remote = RemoteHop(
+                client.host, peer=PeerId.from_string(hop.peer_id), addrs=swarm.addrs(hop.peer_id),
+                start=hop.start, end=hop.end, model_id=client.model_id,
+                max_length=self.max_length, codec=self.config.codec, session_id=ids[i],
+                hidden_size=c.hidden_size, vocab_size=c.vocab_size, num_stages=c.num_stages,
+                session_config=SessionConfig(dead_after=self.config.dead_after_s),
+                events=self._send.clone(), successor=successor,
+                predecessor=route.hops[i - 1].peer_id if push and i > 0 else "")
+            try:
+                await nursery.start(remote.run)
+            except (HopFailedError, RefusedError) as exc:
+                for h in opened:
+                    h.aclose()
+                if isinstance(exc, RefusedError):
+                    if not exc.retryable:
+                        raise GenerationError(f"peer {hop.peer_id[:16]} refused the session: "
+                                              f"{exc}") from exc
+                    raise remote.failure(f"refused the session: {exc}") from exc
+                raise
+            opened.append(remote)
+        return opened[::-1]
+
+    def close(self) -> None:
+        for hop in self.hops:
+            hop.aclose()
+
+    # -- stepping ----------------------------------------------------------------------------
+
+    async def forward(self, position: int, ids: torch.Tensor) -> torch.Tensor:
+        """The generation loop's `Forward`: the last position's logits, shape (V,)."""
+        x = ids
+        if self.embed is not None:
+            x = await self.embed.step(position, x, last_only=False)
+        chunk = self.config.prefill_chunk
+        if self.push and position == 0 and chunk > 0 and x.shape[1] > chunk:
+            out = await self._chunked_prefill(x, chunk)
+        else:
+            out = await self._run_step(position, self._to_wire(x))
+        if self.head is not None:
+            out = await self.head.step(position, out[:, -1:], last_only=True)
+        return out[0, -1].float()
+
+    def _to_wire(self, x: torch.Tensor) -> Tensor:
+        return ids_to_wire(x) if self.hops[0].start == 0 else hidden_to_wire(x, self.config.codec)
+
+    def _last_only(self) -> bool:
+        return self.hops[-1].returns_logits
+
+    def _decode_last(self, reply: StepOutput, tokens: int) -> torch.Tensor:
+        return self.hops[-1].check_output(reply, tokens, self._last_only())
+
+    def _next_step(self) -> int:
+        self._step += 1
+        return self._step - 1
+
+    async def _run_step(self, position: int, payload: Tensor) -> torch.Tensor:
+        """One step across all hops, failing over as needed; returns the last hop's output."""
+        step = self._next_step()
+        tokens = payload.shape[1] if len(payload.shape) > 1 else 1
+        last_only = self._last_only()
+        have: dict[int, StepOutput] = {}
+        sent: set[int] = set()
+        refused: dict[int, RefusedError] = {}
+        last: torch.Tensor | None = None
+        deadline = trio.current_time() + self.config.step_timeout_s
+        while True:
+            m = next((i for i in range(len(self.hops)) if i not in have), None)
+            if m is None:
+                break
+            hop = self.hops[m]
+            error: Exception | None = hop.failed or refused.get(m)
+            if error is None and trio.current_time() >= deadline:
+                error = trio.TooSlowError(f"peer {hop.peer_id[:16]}: no output within "
+                                          f"{self.config.step_timeout_s:.0f} s")
+            if error is not None:
+                await self._replace(m, error)
+                have = {i: o for i, o in have.items() if i < m}
+                if m > 0:  # the replacement got no push: the client sends it this step
+                    have[m - 1] = dataclasses.replace(have[m - 1], pushed=False)
+                sent = {i for i in sent if i < m}
+                refused.clear()
+                deadline = trio.current_time() + self.config.step_timeout_s
+                continue
+            if m not in sent and (m == 0 or not have[m - 1].pushed):
+                inp = payload if m == 0 else have[m - 1].output
+                try:
+                    await hop.send(step, position, inp, rollback=True, last_only=last_only,
+                                   push=self.push and hop.pushing)
+                except HopFailedError as exc:
+                    hop.failed = hop.failed or exc
+                    continue
+                sent.add(m)
+            event = await self._next_event(deadline)
+            if event is None or event.reply is None:
+                continue  # a timeout or a failure: both are read from the hops above
+            index = self._index(event.hop)
+            reply = event.reply
+            if index is None or index in have:
+                continue  # a replaced hop's leftovers, or a duplicate
+            if isinstance(reply, Refusal):
+                if reply.step in (step, -1):
+                    refused[index] = RefusedError(reply.code, reply.detail,
+                                                  retryable=reply.retryable)
+                continue
+            if reply.step != step:
+                continue  # a stale reply to an earlier (resent or replaced) step
+            try:
+                decoded = self.hops[index].check_output(reply, tokens, last_only)
+            except HopFailedError as exc:
+                self.hops[index].failed = exc
+                continue
+            have[index] = reply
+            if index == len(self.hops) - 1:
+                last = decoded
+        for i, h in enumerate(self.hops):
+            h.history.append(Kept(step, position, payload if i == 0 else have[i - 1].output))
+        if last is None:  # unreachable: the loop ends only with the last hop's output
+            raise GenerationError("internal error: a step ended without an output")
+        return last
+
+    async def _chunked_prefill(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Send the prompt in chunks back to back; reopen the pipeline if anything fails."""
+        while True:
+            try:
+                return await self._push_chunks(x, chunk)
+            except _Restart as exc:
+                await self._reopen(exc.hop, exc.error)
+
+    async def _push_chunks(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        n = len(self.hops)
+        last_only = self._last_only()
+        steps: list[Kept] = []
+        for pos in range(0, x.shape[1], chunk):
+            kept = Kept(self._next_step(), pos, self._to_wire(x[:, pos:pos + chunk]))
+            try:
+                await self.hops[0].send(kept.step, pos, kept.input, rollback=pos == 0,
+                                        last_only=last_only, push=True)
+            except HopFailedError as exc:
+                raise _Restart(self.hops[0], exc) from exc
+            steps.append(kept)
+        by_step = {k.step: k for k in steps}
+        have: dict[tuple[int, int], StepOutput] = {}
+        last: torch.Tensor | None = None
+        deadline = trio.current_time() + self.config.step_timeout_s
+        while len(have) < n * len(steps):
+            for hop in self.hops:
+                if hop.failed is not None:
+                    raise _Restart(hop, hop.failed)
+            event = await self._next_event(deadline)
+            if event is None:
+                stuck = next(i for i in range(n) if any((k.step, i) not in have for k in steps))
+                raise _Restart(self.hops[stuck], trio.TooSlowError("prefill timed out"))
+            index = self._index(event.hop)
+            reply = event.reply
+            if index is None or reply is None or reply.step not in by_step and reply.step != -1:
+                continue
+            hop = self.hops[index]
+            if isinstance(reply, Refusal):
+                raise _Restart(hop, RefusedError(reply.code, reply.detail,
+                                                 retryable=reply.retryable))
+            if index < n - 1 and not reply.pushed:
+                raise _Restart(self.hops[index + 1], hop.failure("a push did not go through"))
+            kept = by_step[reply.step]
+            try:
+                decoded = hop.check_output(reply, kept.input.shape[1], last_only)
+            except HopFailedError as exc:
+                raise _Restart(hop, exc) from exc
+            have[(kept.step, index)] = reply
+            if index == n - 1 and kept is steps[-1]:
+                last = decoded
+        for kept in steps:
+            for i, hop in enumerate(self.hops):
+                hop.history.append(Kept(kept.step, kept.position, kept.input if i == 0
+                                        else have[(kept.step, i - 1)].output))
+        if last is None:
+            raise GenerationError("internal error: the prefill ended without an output")
+        return last
+
+    def _index(self, hop: RemoteHop) -> int | None:
+        for i, h in enumerate(self.hops):
+            if h is hop:
+                return i
+        return None
+
+    async def _next_event(self, deadline: float) -> HopEvent | None:
+        with trio.move_on_at(deadline):
+            return await self._events.receive()
+        return None
+
+    # -- failover ----------------------------------------------------------------------------
+
+    def _count_failure(self, peer_id: str, error: Exception) -> None:
+        self.info.failovers += 1
+        if self.info.failovers > self.config.max_failovers:
+            raise GenerationError(f"gave up after {self.info.failovers - 1} failovers: "
+                                  f"{error}") from error
+        self.client.bans = self.client.bans.record_failure(peer_id, now=time.monotonic())
+
+    async def _replace(self, m: int, error: Exception) -> None:
+        """Replace hop `m`: ban it, route its stages anew, replay its kept inputs."""
+        failed = self.hops[m]
+        failed.aclose()
+        self._count_failure(failed.peer_id, error)
+        self.push = False
+        self.info.push = False
+        started = time.perf_counter()
+        while True:
+            route = await self.client.route(self.max_length, 1,
+                                            stages=(failed.start, failed.end))
+            fresh: list[RemoteHop] = []
+            try:
+                fresh = await self._open_hops(route, push=False)
+                await self._replay(fresh, failed.history)
+            except HopFailedError as exc:
+                for hop in fresh:
+                    hop.aclose()
+                self._count_failure(exc.peer_id, exc)
+                continue
+            break
+        self.hops[m:m + 1] = fresh
+        self.info.failover_s += time.perf_counter() - started
+        self._update_route()
+
+    async def _replay(self, fresh: list[RemoteHop], history: list[Kept]) -> None:
+        """Rebuild the replacement's caches from exactly the inputs the failed hop got."""
+        for kept in history:
+            x = kept.input
+            for hop in fresh:
+                await hop.send(kept.step, kept.position, x, rollback=True,
+                               last_only=hop.returns_logits)
+                reply = await self._reply_of(hop, kept.step, x.shape[1])
+                hop.history.append(Kept(kept.step, kept.position, x))
+                x = reply.output
+
+    async def _reply_of(self, hop: RemoteHop, step: int, tokens: int) -> StepOutput:
+        deadline = trio.current_time() + self.config.step_timeout_s
+        while True:
+            if hop.failed is not None:
+                raise hop.failed
+            event = await self._next_event(deadline)
+            if event is None:
+                raise hop.failure(f"no output within {self.config.step_timeout_s:.0f} s")
+            reply = event.reply
+            if event.hop is not hop or reply is None or reply.step not in (step, -1):
+                continue
+            if isinstance(reply, Refusal):
+                raise hop.failure(f"refused a replayed step: {reply.code}: {reply.detail}")
+            hop.check_output(reply, tokens, hop.returns_logits)
+            return reply
+
+    async def _reopen(self, hop: RemoteHop, error: Exception) -> None:
+        """Start over on a fresh route (a failure during a chunked prefill)."""
+        self._count_failure(hop.peer_id, error)
+        self.close()
+        started = time.perf_counter()
+        await self.open_route()
+        self.info.failover_s += time.perf_counter() - started
+
+    async def open_route(self) -> None:
+        """Route all the stages this client needs and open them, retrying around failures."""
+        while True:
+            route = await self.client.route(self.max_length, self.prompt_tokens)
+            try:
+                await self.open(route)
+            except HopFailedError as exc:
+                self._count_failure(exc.peer_id, exc)
+                continue
+            return
+
+    def _update_route(self) -> None:
+        cost = self.info.route.cost_s if self.info.route is not None else 0.0
+        self.info.route = Route(hops=tuple(Hop(h.peer_id, h.start, h.end) for h in self.hops),
+                                cost_s=cost)
