@@ -445,3 +445,33 @@ async def test_one_step_at_a_time_per_session(tiny_model: Path) -> None:
                 await w.step(s, _ids_step(1, 4, torch.tensor([[1]])))
             gate.opened.set()
     assert s.cache.length == 4 and w.statistics().steps == 1
+
+
+async def test_a_cancelled_step_already_in_a_batch_finishes_its_forward(tiny_model: Path) -> None:
+    """Whichever of the two drives the batch, neither returns before the forward ends."""
+    w = _worker(tiny_model, 0)
+    p, q = _open(w, 1), _open(w, 2)
+    for s in (p, q):
+        await w.step(s, _ids_step(0, 0, _ids(4, seed=13)))
+    gate = Gate(w.span, "forward_batch")
+    scopes = [trio.CancelScope(), trio.CancelScope()]
+    finished: list[int] = []
+
+    async def decode(s: WorkerSession, scope: trio.CancelScope) -> None:
+        with scope:
+            await w.step(s, _ids_step(1, 4, torch.tensor([[5]])))
+        finished.append(s.cache.length)
+
+    with gate.holding():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(decode, p, scopes[0])
+            nursery.start_soon(decode, q, scopes[1])
+            await gate.wait_entered()
+            for scope in scopes:
+                scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not finished and p.stepping and q.stepping  # both wait for the forward
+            gate.opened.set()
+    assert finished == [5, 5] and w.statistics().decode_steps == 2
+    for s in (p, q):  # the forward counted; the sessions carry on from there
+        await w.step(s, _ids_step(2, 5, torch.tensor([[6]])))
