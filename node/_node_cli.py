@@ -6,13 +6,17 @@ import argparse
 import logging
 import re
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from node._errors import NodeError
 from node._worker import ServerLimits
+
+if TYPE_CHECKING:
+    from node._daemon import NodeConfig
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i)?)?B?\s*", re.IGNORECASE)
 
@@ -40,6 +44,10 @@ def add_node_parser(sub: Any) -> None:
         p.add_argument("--bootstrap", action="append", help="multiaddr /.../p2p/ID (repeatable)")
         p.add_argument("--no-mdns", action="store_true", help="no LAN discovery")
         p.add_argument("--log-level", default="INFO")
+        p.add_argument("--link-delay-ms", type=_non_negative,
+                       help="WAN emulation: one-way delay added to every message sent (ms)")
+        p.add_argument("--link-bandwidth-mbps", type=_non_negative,
+                       help="WAN emulation: send rate cap per link, megabits/s (0 = none)")
         if role == "run":
             p.add_argument("--model", type=Path, help="checkpoint folder (default: embedded)")
             p.add_argument("--span", help="'auto' (default) or a:b")
@@ -52,16 +60,31 @@ def add_node_parser(sub: Any) -> None:
             p.add_argument("--max-cache-tokens", type=int)
             p.add_argument("--max-length", type=int)
             p.add_argument("--grace", type=float, help="seconds open sessions may finish")
+            p.add_argument("--rebalance-interval", type=_non_negative,
+                           help="seconds between checks whether an auto span should move "
+                                "(default 30; 0 = never move)")
         p.set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from node._daemon import NodeConfig, run_node
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
 
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("libp2p", "multiaddr", "async_service"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    """The `NodeConfig` that `node run|bootstrap` flags (and `--config`) describe.
+
+    Raises:
+        NodeError: unreadable or unknown TOML.
+        ValueError: a value out of range.
+    """
+    from node._daemon import NodeConfig
+
     overrides: dict[str, Any] = {"data_dir": args.data_dir}
     if args.listen:
         overrides["listen"] = tuple(args.listen)
@@ -69,24 +92,38 @@ def _run(args: argparse.Namespace) -> int:
         overrides["bootstrap"] = tuple(args.bootstrap)
     if args.no_mdns:
         overrides["mdns"] = False
+    if args.link_delay_ms is not None:
+        overrides["link_delay_s"] = args.link_delay_ms / 1000
+    if args.link_bandwidth_mbps is not None:
+        overrides["link_bandwidth_bps"] = args.link_bandwidth_mbps * 1e6 / 8  # bits -> bytes
     if args.role == "run":
         flags = {"model": "model", "span": "span", "memory_budget": "memory_budget_bytes",
                  "threads": "threads", "prefill_threads": "prefill_threads",
-                 "device": "device", "grace": "grace_s"}
+                 "device": "device", "grace": "grace_s",
+                 "rebalance_interval": "rebalance_interval_s"}
         for flag, key in flags.items():
             if getattr(args, flag) is not None:
                 overrides[key] = getattr(args, flag)
-    try:
-        config = (NodeConfig.from_toml(args.config, **overrides) if args.config
-                  else NodeConfig(**overrides))
-        if args.role == "run":
-            limits = {k: getattr(args, k) for k in ("max_sessions", "max_cache_tokens",
-                                                    "max_length") if getattr(args, k)}
-            if limits:
-                from dataclasses import asdict, replace
+    config = (NodeConfig.from_toml(args.config, **overrides) if args.config
+              else NodeConfig(**overrides))
+    if args.role == "run":
+        limits = {k: getattr(args, k) for k in ("max_sessions", "max_cache_tokens",
+                                                "max_length") if getattr(args, k)}
+        if limits:
+            config = replace(config, limits=ServerLimits(**{**asdict(config.limits),
+                                                            **limits}))
+    return config
 
-                config = replace(config, limits=ServerLimits(**{**asdict(config.limits),
-                                                                **limits}))
+
+def _run(args: argparse.Namespace) -> int:
+    from node._daemon import run_node
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("libp2p", "multiaddr", "async_service"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        config = config_from_args(args)
         role = "node" if args.role == "run" else "bootstrap"
         trio.run(lambda: run_node(config, role=role))
     except (NodeError, ValueError, OSError) as exc:

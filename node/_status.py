@@ -2,7 +2,9 @@
 
 Written atomically (temp file + rename) on every state change, so a reader never sees half a
 file. Fields: pid, role, peer_id, addrs (full multiaddrs ending in /p2p/<id>), state
-(joining/online/draining/stopped), span ([a, b] or null), model_id.
+(joining/online/draining/stopped), span ([a, b] or null: the span served now, or being loaded
+while joining — a node that moves rewrites it), model_id, rebalances (how many times the node
+moved to another span), wakes (how many sleeps — clock jumps — it noticed).
 """
 
 from __future__ import annotations

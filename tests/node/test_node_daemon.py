@@ -1,15 +1,67 @@
-"""The daemon as real processes: graceful shutdown, restart with the same identity, no orphans."""
+"""The daemon: its configuration (flags, TOML), and as real processes: graceful shutdown,
+restart with the same identity, no orphans."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from pathlib import Path
 
+import pytest
 import trio
 
 from devnet import Devnet
 from node._client import Client, ClientConfig
+from node._daemon import NodeConfig
+from node._errors import NodeError
+from node._node_cli import add_node_parser, config_from_args
+
+
+def parse(*argv: str) -> NodeConfig:
+    parser = argparse.ArgumentParser(prog="shardnet")
+    add_node_parser(parser.add_subparsers(dest="command", required=True))
+    return config_from_args(parser.parse_args(["node", *argv]))
+
+
+def test_link_shaping_flags_reach_the_host_config() -> None:
+    config = parse("run", "--data-dir", "/d", "--link-delay-ms", "25",
+                   "--link-bandwidth-mbps", "8")
+    assert (config.link_delay_s, config.link_bandwidth_bps) == (0.025, 1_000_000.0)
+    host = config.host_config()
+    assert (host.link_delay_s, host.link_bandwidth_bps) == (0.025, 1_000_000.0)
+    # The bootstrap is a host too; unshaped by default.
+    boot = parse("bootstrap", "--data-dir", "/d", "--link-delay-ms", "5").host_config()
+    assert (boot.link_delay_s, boot.link_bandwidth_bps) == (0.005, 0.0)
+    assert parse("run", "--data-dir", "/d").host_config().link_delay_s == 0.0
+
+
+def test_toml_sets_shaping_and_rebalancing_and_flags_win(tmp_path: Path) -> None:
+    toml = tmp_path / "node.toml"
+    toml.write_text("link_delay_s = 0.1\nlink_bandwidth_bps = 5e5\nrebalance_interval_s = 7.5\n"
+                    "max_cache_tokens = 4096\n")
+    config = parse("run", "--data-dir", "/d", "--config", str(toml))
+    assert (config.link_delay_s, config.link_bandwidth_bps) == (0.1, 5e5)
+    assert (config.rebalance_interval_s, config.limits.max_cache_tokens) == (7.5, 4096)
+    config = parse("run", "--data-dir", "/d", "--config", str(toml), "--link-delay-ms", "1",
+                   "--rebalance-interval", "0")
+    assert (config.link_delay_s, config.rebalance_interval_s) == (0.001, 0.0)
+    assert config.link_bandwidth_bps == 5e5
+
+
+def test_bad_values_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        parse("run", "--data-dir", "/d", "--link-delay-ms", "-3")
+    with pytest.raises(SystemExit):
+        parse("run", "--data-dir", "/d", "--link-bandwidth-mbps", "inf")
+    for bad in ({"rebalance_interval_s": -1.0}, {"wake_check_interval_s": 0.0},
+                {"link_bandwidth_bps": float("nan")}, {"rebalance_min_improvement": 0.9}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            NodeConfig(data_dir=tmp_path, **bad)
+    toml = tmp_path / "node.toml"
+    toml.write_text("link_delay_ms = 5\n")  # keys are field names; the unit is in the name
+    with pytest.raises(NodeError, match="unknown keys link_delay_ms"):
+        NodeConfig.from_toml(toml, data_dir=tmp_path)
 
 
 def _processes_mentioning(text: str) -> list[int]:
