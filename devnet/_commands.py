@@ -76,7 +76,7 @@ def node_command(
         bootstrap: bootstrap multiaddrs, one ``--bootstrap`` each (serving nodes only).
         model: a checkpoint folder; ``None`` means the node's embedded model.
         span: "auto" or "a:b" (serving nodes only).
-        extra_args: passed through verbatim to serving nodes (e.g. ``--shape-delay-ms``).
+        extra_args: passed through verbatim to serving nodes (e.g. ``--link-delay-ms 50``).
         program: what to run instead of ``python -m node`` (a stub in tests, a venv's python).
     """
     if role == "bootstrap":

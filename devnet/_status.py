@@ -41,6 +41,8 @@ class NodeStatus:
         state: "joining", "online", "draining" or "stopped".
         span: the served stages ``(start, end)``; ``None`` for a bootstrap or before a choice.
         model_id: the served model's id; ``None`` for a bootstrap.
+        rebalances: how many times the node moved to another span (0 when the file has no
+            such field: the stub, an older node).
     """
 
     pid: int
@@ -50,6 +52,7 @@ class NodeStatus:
     state: NodeState
     span: tuple[int, int] | None
     model_id: str | None
+    rebalances: int = 0
 
     @property
     def online(self) -> bool:
@@ -92,6 +95,9 @@ class NodeStatus:
         state = data.get("state")
         if state not in _STATES:
             raise bad(f"'state' must be one of {sorted(_STATES)}, got {state!r}")
+        rebalances = data.get("rebalances", 0)
+        if not isinstance(rebalances, int) or isinstance(rebalances, bool) or rebalances < 0:
+            raise bad(f"'rebalances' must be an integer >= 0, got {rebalances!r}")
         return cls(
             pid=pid,
             role=cast(Role, role),
@@ -100,6 +106,7 @@ class NodeStatus:
             state=cast(NodeState, state),
             span=_parse_span(data.get("span"), source),
             model_id=_parse_model_id(data.get("model_id"), source),
+            rebalances=rebalances,
         )
 
 

@@ -93,7 +93,11 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--program", default=shlex.join(NODE_PROGRAM),
                     help="what starts a node process, split like a shell (default: %(default)s)")
     up.add_argument("--node-arg", action="append", default=[], dest="node_args",
-                    metavar="ARG", help="pass ARG to every node (--node-arg=--shape-delay-ms=50)")
+                    metavar="ARG", help="pass ARG to every node (--node-arg=--grace=5)")
+    up.add_argument("--link-delay-ms", type=_non_negative, metavar="MS",
+                    help="WAN emulation: every node delays each message it sends by MS")
+    up.add_argument("--link-bandwidth-mbps", type=_non_negative, metavar="MBPS",
+                    help="WAN emulation: every node sends at most MBPS megabits/s per link")
     up.add_argument("--ready-timeout", type=float, default=120.0,
                     help="seconds to wait for all nodes to come online (default 120)")
     command("down", _down, "stop a devnet and remove its namespaces")
@@ -112,6 +116,26 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
         if name == "restart":
             p.add_argument("--ready-timeout", type=float, default=120.0,
                            help="seconds to wait for it to come online (default 120)")
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def node_args(args: argparse.Namespace) -> list[str]:
+    """The extra argv every serving node of ``devnet up`` gets: shaping flags, --node-arg."""
+    extra: list[str] = []
+    if args.link_delay_ms is not None:
+        extra += ["--link-delay-ms", f"{args.link_delay_ms:g}"]
+    if args.link_bandwidth_mbps is not None:
+        extra += ["--link-bandwidth-mbps", f"{args.link_bandwidth_mbps:g}"]
+    return extra + list(args.node_args)
 
 
 def _node_index(text: str) -> int | None:
@@ -156,7 +180,7 @@ def _up(args: argparse.Namespace) -> int:
     async def serve() -> None:
         net = Devnet(
             args.nodes, root=args.dir, model=args.model, spans=args.spans or None,
-            netns=args.netns, extra_args=args.node_args, node_command=build,
+            netns=args.netns, extra_args=node_args(args), node_command=build,
             ready_timeout=args.ready_timeout, detach=args.detach,
         )
         async with net:
@@ -251,6 +275,8 @@ def _describe(p: ProcessRecord) -> str:
         if p.veth is not None and not _netns.link_is_up(p.veth):
             states.append("cut-off")
     span = f"span {status.span[0]}:{status.span[1]}" if status and status.span else ""
+    if status is not None and status.rebalances:
+        span += f" (moved {status.rebalances}x)"
     addr = p.addrs[0] if p.addrs else p.listen
     pid = "-" if p.pid is None else str(p.pid)
     return f"{p.name:<10} pid {pid:<8} {','.join(states):<16} {span:<10} {addr}"

@@ -10,7 +10,7 @@ node CLI's argv after ``-m node``. It:
   mode "online" proves the namespaces are wired), "draining", "stopped";
 * on SIGTERM or SIGINT drains and exits 0.
 
-Test hooks (unknown options, like ``--shape-delay-ms``, are ignored as a real node would not):
+Test hooks (unknown options, like ``--link-delay-ms``, are ignored as a real node would not):
 ``--exit-early CODE`` (fail before online), ``--never-online`` (stay "joining"),
 ``--ignore-sigterm`` (a hung node, for the SIGKILL path).
 """

@@ -17,7 +17,7 @@ import trio
 
 from devnet import read_status, read_topology
 from devnet._procs import owns, proc_state
-from devnet.cli import add_devnet_parser
+from devnet.cli import add_devnet_parser, node_args
 
 NETNS_OK = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("ip") is not None
 
@@ -46,6 +46,29 @@ def test_mounts_under_the_shardnet_cli() -> None:
     assert parser.parse_args(["devnet", "kill", "bootstrap"]).node is None
     with pytest.raises(SystemExit):
         parser.parse_args(["devnet", "kill", "-1"])
+
+
+def test_up_passes_link_shaping_to_every_node(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="shardnet")
+    add_devnet_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["devnet", "up", "--link-delay-ms", "40", "--link-bandwidth-mbps",
+                              "2.5", "--node-arg=--rebalance-interval=5"])
+    assert node_args(args) == ["--link-delay-ms", "40", "--link-bandwidth-mbps", "2.5",
+                               "--rebalance-interval=5"]
+    assert node_args(parser.parse_args(["devnet", "up"])) == []
+    with pytest.raises(SystemExit):
+        parser.parse_args(["devnet", "up", "--link-delay-ms", "-1"])
+    assert "finite number >= 0" in capsys.readouterr().err
+    # What the nodes are given, the node CLI turns into its host's shaping.
+    from node._node_cli import add_node_parser, config_from_args
+
+    node_parser = argparse.ArgumentParser(prog="shardnet")
+    add_node_parser(node_parser.add_subparsers(dest="command", required=True))
+    config = config_from_args(node_parser.parse_args(
+        ["node", "run", "--data-dir", "/d", *node_args(args)]))
+    host = config.host_config()
+    assert (host.link_delay_s, host.link_bandwidth_bps) == (0.04, 312_500.0)
+    assert config.rebalance_interval_s == 5
 
 
 async def test_detached_up_scenarios_and_down(run_dir: Path, h: Any) -> None:

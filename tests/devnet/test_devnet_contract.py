@@ -32,11 +32,11 @@ GOOD: dict[str, Any] = {
 def test_serving_node_argv() -> None:
     argv = node_command(role="node", data_dir=Path("/d/node-0"), listen="/ip4/1.2.3.4/tcp/5",
                         bootstrap=["/ip4/a", "/ip4/b"], model=Path("/m"), span="2:4",
-                        extra_args=["--shape-delay-ms", "30"])
+                        extra_args=["--link-delay-ms", "30"])
     assert argv == [sys.executable, "-m", "node", "run", "--data-dir", "/d/node-0",
                     "--listen", "/ip4/1.2.3.4/tcp/5", "--bootstrap", "/ip4/a",
                     "--bootstrap", "/ip4/b", "--model", "/m", "--span", "2:4",
-                    "--threads", "1", "--no-mdns", "--shape-delay-ms", "30"]
+                    "--threads", "1", "--no-mdns", "--link-delay-ms", "30"]
     embedded = node_command(role="node", data_dir=Path("/d"), listen="/ip4/1.2.3.4/tcp/5")
     assert "--model" not in embedded and embedded[embedded.index("--span") + 1] == "auto"
 
@@ -60,7 +60,10 @@ def test_status_parses_and_ignores_unknown_fields(tmp_path: Path) -> None:
     status = read_status(tmp_path)
     assert status == NodeStatus(pid=42, role="node", peer_id=PEER, addrs=(GOOD["addrs"][0],),
                                 state="online", span=(0, 3), model_id="m1")
-    assert status.online
+    assert status.online and status.rebalances == 0  # absent: the stub, an older node
+    (tmp_path / "status.json").write_text(json.dumps({**GOOD, "rebalances": 2}))
+    status = read_status(tmp_path)
+    assert status is not None and status.rebalances == 2
 
 
 @pytest.mark.parametrize(("change", "complaint"), [
@@ -74,6 +77,8 @@ def test_status_parses_and_ignores_unknown_fields(tmp_path: Path) -> None:
     ({"span": [3, 1]}, "span"),
     ({"span": [0, 1, 2]}, "span"),
     ({"model_id": 7}, "model_id"),
+    ({"rebalances": -1}, "rebalances"),
+    ({"rebalances": "1"}, "rebalances"),
 ])
 def test_status_violations_blame_the_node(
     tmp_path: Path, change: dict[str, Any], complaint: str
