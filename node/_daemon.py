@@ -291,6 +291,7 @@ async def watch_clock(*, interval_s: float, threshold_s: float,
                         "re-announcing and re-checking connections", jump.wall_s, jump.mono_s,
                         interval_s)
             await on_jump(jump)
+            now = ClockReading(wall(), mono())  # the reaction's own time is not a jump
         before = now
 
 
@@ -490,9 +491,15 @@ class _Server:
                 await stop.wait()
             if stop.is_set():
                 return
+            try:
+                others = self._others()
+            except ValueError as exc:  # a peer announced something our snapshots refuse
+                logger.warning("choosing a span as if alone: the swarm view is unusable: %s",
+                               exc)
+                others = []
             chosen = choose_span(num_stages=self.num_stages, stage_bytes=self.costs,
                                  memory_budget_bytes=config.memory_budget_bytes,
-                                 model_id=self.model_id, swarm=self._others())
+                                 model_id=self.model_id, swarm=others)
             span_range = (chosen.start, chosen.end)
         self.live.start, self.live.end = span_range
         self.publish_status(span=list(span_range))

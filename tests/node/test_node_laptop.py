@@ -98,6 +98,26 @@ async def test_the_watch_calls_back_once_per_jump(autojump_clock: trio.testing.M
         nursery.cancel_scope.cancel()
 
 
+async def test_a_slow_reaction_is_not_taken_for_another_jump(
+        autojump_clock: trio.testing.MockClock) -> None:
+    offset = [0.0]
+    seen: list[ClockJump] = []
+
+    async def on_jump(found: ClockJump) -> None:
+        seen.append(found)
+        await trio.sleep(20.0)  # e.g. dialing an unreachable bootstrap until its timeout
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: watch_clock(
+            interval_s=1.0, threshold_s=5.0, on_jump=on_jump,
+            wall=lambda: trio.current_time() + offset[0], mono=trio.current_time))
+        await trio.sleep(2.5)
+        offset[0] += 600.0
+        await trio.sleep(60.0)
+        assert len(seen) == 1
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_node_that_woke_up_reannounces_and_redials(tmp_path: Path,
                                                            tiny_model: Path) -> None:
     offset = [0.0]
