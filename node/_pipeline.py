@@ -31,6 +31,7 @@ that, the whole pipeline is reopened on a fresh route and the prompt sent again.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import secrets
 import time
@@ -49,6 +50,8 @@ from p2p import PeerId, SessionConfig, Tensor
 
 if TYPE_CHECKING:
     from node._client import Client, RunInfo
+
+logger = logging.getLogger(__name__)
 
 
 class _Restart(Exception):
@@ -290,6 +293,7 @@ class Pipeline:
     # -- failover ----------------------------------------------------------------------------
 
     def _count_failure(self, peer_id: str, error: Exception) -> None:
+        logger.info("failing over from peer %s: %s", peer_id[:16], error)
         self.info.failovers += 1
         if self.info.failovers > self.config.max_failovers:
             raise GenerationError(f"gave up after {self.info.failovers - 1} failovers: "

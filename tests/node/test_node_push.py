@@ -1,0 +1,131 @@
+"""Server-to-server push: hops forward steps to their successor; the client only feeds the first.
+
+These run real nodes (`run_node`) on loopback in this process; the client's sends are counted
+by wrapping `RemoteHop.send`, which is how we know the servers did the forwarding.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from node._client import Client, ClientConfig
+from node._hop import RemoteHop
+from node._protocol import PROTOCOL, OpenSession, PushOpen, Refusal, SessionOpened
+from node._sampling import SamplingParams
+from node._textgen import LocalModel
+from p2p import HostConfig, Identity, PeerId, open_host, parse_peer_addr
+
+PROMPT = "The list type is"
+SPANS = ["0:2", "2:4", "4:6"]
+
+
+async def _local(model: Path, prompt: str, tokens: int) -> str:
+    params = SamplingParams(temperature=0, max_new_tokens=tokens)
+    return "".join([p async for p in LocalModel(model).generate(prompt, params)])
+
+
+@pytest.fixture
+def sends(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[int, int]]:
+    """Steps the client sent itself, by the hop's (start, end)."""
+    counts: Counter[tuple[int, int]] = Counter()
+    original = RemoteHop.send
+
+    async def counted(self: RemoteHop, *args: Any, **kwargs: Any) -> None:
+        counts[(self.start, self.end)] += 1
+        await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RemoteHop, "send", counted)
+    return counts
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+async def test_push_feeds_only_the_first_hop_and_matches_the_engine(
+    tiny_model: Path, loopback_swarm: Any, sends: Counter[tuple[int, int]], chunk: int
+) -> None:
+    expected = await _local(tiny_model, PROMPT, 16)
+    with trio.fail_after(60):
+        async with loopback_swarm(tiny_model, SPANS) as net, \
+                Client(bootstrap=[net.bootstrap], model=tiny_model,
+                       config=ClientConfig(codec="raw", push="on", prefill_chunk=chunk,
+                                           route_timeout_s=20)) as client:
+            text = await client.generate_text(PROMPT, max_new_tokens=16)
+            info = client.last
+    assert text == expected
+    assert info.push and info.failovers == 0
+    assert info.route is not None and len(info.route.hops) == 3
+    first, *rest = [(h.start, h.end) for h in info.route.hops]
+    prompt_steps = -(-len(PROMPT) // chunk) if chunk else 1  # byte-level tokenizer
+    assert sends[first] == prompt_steps + 15  # the prompt, then one step per new token
+    assert all(sends[hop] == 0 for hop in rest)  # the servers forwarded every step
+
+
+async def test_push_and_client_driven_agree_exactly_with_quantized_activations(
+    tiny_model: Path, loopback_swarm: Any
+) -> None:
+    texts = {}
+    with trio.fail_after(90):
+        async with loopback_swarm(tiny_model, SPANS) as net:
+            for mode in ("on", "off"):
+                async with Client(bootstrap=[net.bootstrap], model=tiny_model,
+                                  config=ClientConfig(codec="int8-block", push=mode,
+                                                      route_timeout_s=20)) as client:
+                    texts[mode] = await client.generate_text(PROMPT, max_new_tokens=24)
+                    assert client.last.push is (mode == "on")
+    # Both modes hand every hop exactly the bytes its predecessor produced.
+    assert texts["on"] == texts["off"]
+
+
+async def test_failover_during_push_keeps_greedy_output(
+    tiny_model: Path, loopback_swarm: Any
+) -> None:
+    expected = await _local(tiny_model, PROMPT, 40)
+    with trio.fail_after(90):
+        async with loopback_swarm(tiny_model, SPANS + ["2:4"]) as net, \
+                Client(bootstrap=[net.bootstrap], model=tiny_model,
+                       config=ClientConfig(codec="raw", push="on", route_timeout_s=20)) \
+                as client:
+            pieces: list[str] = []
+            victim = ""
+            async for piece in client.generate(PROMPT, max_new_tokens=40):
+                pieces.append(piece)
+                route = client.last.route
+                if len(pieces) == 15 and route is not None:  # the middle hop dies
+                    assert len(route.hops) == 3 and client.last.push
+                    victim = route.hops[1].peer_id
+                    net.stop(net.index_of(victim))
+            info = client.last
+    assert "".join(pieces) == expected
+    assert info.failovers == 1 and not info.push  # the rest ran client-driven
+    assert info.route is not None and victim not in {h.peer_id for h in info.route.hops}
+
+
+async def test_a_push_stream_from_anyone_but_the_named_predecessor_is_refused(
+    tiny_model: Path, loopback_swarm: Any
+) -> None:
+    from sharding import Checkpoint
+
+    model_id = Checkpoint.open(tiny_model).model_id
+    with trio.fail_after(60):
+        async with loopback_swarm(tiny_model, ["0:6"]) as net, \
+                open_host(Identity.generate(), HostConfig(listen_addrs=("/ip4/127.0.0.1/tcp/0",),
+                                                          enable_mdns=False)) as host:
+            node = net.nodes[0].host
+            peer: PeerId = node.peer_id
+            addr = node.listen_addrs()[0]
+            await host.connect_peer(peer, [parse_peer_addr(addr)[1]])
+            session_id = secrets.token_bytes(16)
+            async with host.open_session(peer, PROTOCOL) as owner:
+                await owner.send(OpenSession(session_id=session_id, model_id=model_id, start=2,
+                                             end=4, max_length=32,
+                                             predecessor=str(Identity.generate().peer_id)))
+                assert isinstance(await owner.receive(), SessionOpened)
+                async with host.open_session(peer, PROTOCOL) as intruder:
+                    await intruder.send(PushOpen(session_id=session_id))
+                    reply = await intruder.receive()
+            assert isinstance(reply, Refusal) and reply.code == "no-session"
