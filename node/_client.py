@@ -85,6 +85,8 @@ class ClientConfig:
     max_failovers: int = 8
     push: str = "auto"
     prefill_chunk: int = 32
+    link_delay_s: float = 0.0
+    link_bandwidth_bps: float = 0.0
 
     def __post_init__(self) -> None:
         if self.push not in ("auto", "on", "off"):
@@ -161,7 +163,9 @@ class Client:
                 self._host = await stack.enter_async_context(open_host(
                     Identity.generate(),
                     HostConfig(listen_addrs=self.config.listen, bootstrap=self.config.bootstrap,
-                               enable_mdns=self.config.mdns)))
+                               enable_mdns=self.config.mdns,
+                               link_delay_s=self.config.link_delay_s,
+                               link_bandwidth_bps=self.config.link_bandwidth_bps)))
             if self._swarm is None:
                 from node._swarm import AnnouncementSwarm
 
@@ -234,7 +238,8 @@ class Client:
         embed = head = None
         if self._embed is not None and self._head is not None:
             n = self.model_config.num_stages
-            embed = LocalStages(self._embed, max_length=max_length, limiter=self.limiter)
+            embed = LocalStages(self._embed, max_length=max_length, limiter=self.limiter,
+                                inline=True)
             head = LocalStages(self._head, max_length=max_length, limiter=self.limiter)
             info.local_stages = ((0, 1), (n - 1, n))
         pipeline = Pipeline(self, max_length=max_length, prompt_tokens=tokens, info=info,

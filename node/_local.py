@@ -13,11 +13,14 @@ class LocalStages:
 
     Compute runs in a worker thread behind `limiter`, like on a server, so a client that runs
     its own embedding and head keeps its event loop (heartbeats, other hops) responsive.
+    `inline` runs it on the event loop instead, for the embedding stage only: a lookup of T
+    rows takes microseconds, less than the thread hand-off it would otherwise pay per token.
     """
 
     def __init__(self, span: Span, *, max_length: int, stages: tuple[int, int] | None = None,
-                 limiter: trio.CapacityLimiter | None = None) -> None:
+                 limiter: trio.CapacityLimiter | None = None, inline: bool = False) -> None:
         self.span = span
+        self.inline = inline
         self.start, self.end = span.stages(stages)
         self.cache: KVCache = span.new_cache(max_length, stages=(self.start, self.end))
         self.limiter = limiter or trio.CapacityLimiter(1)
@@ -32,6 +35,9 @@ class LocalStages:
 
     async def step(self, position: int, x: torch.Tensor, *, last_only: bool) -> torch.Tensor:
         """Run a step at `position` (rolling the cache back first if it is behind)."""
+        if self.inline:
+            await trio.lowlevel.checkpoint()
+            return self._run(position, x, last_only)
         return await trio.to_thread.run_sync(self._run, position, x, last_only,
                                              limiter=self.limiter)
 

@@ -326,15 +326,23 @@ class Pipeline:
         self._update_route()
 
     async def _replay(self, fresh: list[RemoteHop], history: list[Kept]) -> None:
-        """Rebuild the replacement's caches from exactly the inputs the failed hop got."""
-        for kept in history:
-            x = kept.input
-            for hop in fresh:
-                await hop.send(kept.step, kept.position, x, rollback=True,
+        """Rebuild the replacement's caches from exactly the inputs the failed hop got.
+
+        The kept steps go to each fresh hop back to back (the server runs a session's steps
+        in order), so the stall is the replay's compute plus one round trip per fresh hop,
+        not one round trip per kept step; each step is computed as it originally was.
+        """
+        inputs = history
+        for hop in fresh:
+            for kept in inputs:
+                await hop.send(kept.step, kept.position, kept.input, rollback=True,
                                last_only=hop.returns_logits)
-                reply = await self._reply_of(hop, kept.step, x.shape[1])
-                hop.history.append(Kept(kept.step, kept.position, x))
-                x = reply.output
+            outputs = []
+            for kept in inputs:
+                reply = await self._reply_of(hop, kept.step, kept.input.shape[1])
+                hop.history.append(kept)
+                outputs.append(Kept(kept.step, kept.position, reply.output))
+            inputs = outputs
 
     async def _reply_of(self, hop: RemoteHop, step: int, tokens: int) -> StepOutput:
         deadline = trio.current_time() + self.config.step_timeout_s

@@ -365,7 +365,8 @@ class SpanWorker:
             # ones the last forward's results woke, about to send their next step — queue their
             # steps before this forward is planned. One pass is not enough: trio runs a batch of
             # runnable tasks in either order, so this task could run again before them.
-            for _ in range(2):
+            # With one session open there is nothing to gather: skip the passes.
+            for _ in range(2 if len(self.sessions) > 1 else 0):
                 await trio.lowlevel.checkpoint()
             work = next_work([job.queued() for job in self._queue],
                              after_decode=self._after_decode, policy=self.batching)
