@@ -166,15 +166,16 @@ class SessionStream:
                 await self._write(grant)
         return msg
 
-    def __aiter__(self) -> AsyncIterator[Message]:
-        return self._iter()
+    # An iterator object rather than an async generator: a loop body that raises
+    # (say a send failing) leaves nothing behind for the garbage collector to finalize.
+    def __aiter__(self) -> SessionStream:
+        return self
 
-    async def _iter(self) -> AsyncIterator[Message]:
-        while True:
-            try:
-                yield await self.receive()
-            except StreamClosedError:
-                return
+    async def __anext__(self) -> Message:
+        try:
+            return await self.receive()
+        except StreamClosedError:
+            raise StopAsyncIteration from None
 
     async def aclose(self, reason: str = "") -> None:
         """Say goodbye and close; idempotent. Falls back to a reset on failure."""
