@@ -37,7 +37,7 @@ import trio
 from node._errors import GenerationError, HopFailedError, RefusedError
 from node._generate import Forward, GenerationStats, generate_ids, stream_text
 from node._local import LocalStages
-from node._pipeline import Pipeline
+from node._pipeline import Pipeline, prefer_push
 from node._routing import (
     BanList,
     NoRouteError,
@@ -83,7 +83,9 @@ class ClientConfig:
     dead_after_s: float = 5.0
     threads: int | None = None
     max_failovers: int = 8
+    # "on", "off", or "auto": push first, client-driven once, then whichever measured faster.
     push: str = "auto"
+    # Prompt chunk (tokens) sent back to back when pushing, so hops overlap (0 = one piece).
     prefill_chunk: int = 32
     link_delay_s: float = 0.0
     link_bandwidth_bps: float = 0.0
@@ -150,6 +152,8 @@ class Client:
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
         self.bans = BanList()
+        # Seconds per decoded token, by whether the generation pushed (for `push="auto"`).
+        self._latency: dict[bool, float] = {}
         self.limiter = trio.CapacityLimiter(1)
         self.last = RunInfo()
 
@@ -242,8 +246,10 @@ class Client:
                                 inline=True)
             head = LocalStages(self._head, max_length=max_length, limiter=self.limiter)
             info.local_stages = ((0, 1), (n - 1, n))
+        want_push = self.config.push == "on" or (self.config.push == "auto"
+                                                 and prefer_push(self._latency))
         pipeline = Pipeline(self, max_length=max_length, prompt_tokens=tokens, info=info,
-                            embed=embed, head=head)
+                            embed=embed, head=head, want_push=want_push)
         try:
             await pipeline.open_route()
             yield pipeline.forward
@@ -251,6 +257,17 @@ class Client:
             raise GenerationError(str(exc)) from exc
         finally:
             pipeline.close()
+        self._measured(info)
+
+    def _measured(self, info: RunInfo) -> None:
+        """Fold a clean generation's decode speed into the per-mode estimate (`auto` push)."""
+        route = info.route
+        if info.failovers or route is None or len(route.hops) < 2 \
+                or info.stats.decode_tokens_per_s <= 0 or info.stats.new_tokens < 4:
+            return
+        seconds = 1.0 / info.stats.decode_tokens_per_s
+        old = self._latency.get(info.push)
+        self._latency[info.push] = seconds if old is None else 0.5 * (old + seconds)
 
     async def generate_ids(
         self, prompt_ids: Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,

@@ -35,6 +35,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -67,7 +68,9 @@ class Pipeline:
     """The hops of one generation and how a step crosses them."""
 
     def __init__(self, client: Client, *, max_length: int, prompt_tokens: int, info: RunInfo,
-                 embed: LocalStages | None, head: LocalStages | None) -> None:
+                 embed: LocalStages | None, head: LocalStages | None,
+                 want_push: bool = True) -> None:
+        self.want_push = want_push
         self.client = client
         self.config = client.config
         self.max_length = max_length
@@ -83,7 +86,7 @@ class Pipeline:
 
     async def open(self, route: Route) -> None:
         """Open the route's sessions (push when it has more than one hop and it is allowed)."""
-        self.push = self.config.push != "off" and len(route.hops) > 1
+        self.push = self.want_push and len(route.hops) > 1
         self.hops = await self._open_hops(route, push=self.push)
         self.push = self.push and all(h.pushing for h in self.hops[:-1])
         self.info.route = route
@@ -383,3 +386,16 @@ class Pipeline:
         cost = self.info.route.cost_s if self.info.route is not None else 0.0
         self.info.route = Route(hops=tuple(Hop(h.peer_id, h.start, h.end) for h in self.hops),
                                 cost_s=cost)
+
+
+def prefer_push(latency: Mapping[bool, float], *, margin: float = 0.05) -> bool:
+    """Whether the next generation should push, from measured seconds per token by mode.
+
+    Push first (it crosses fewer legs); then client-driven once, to have both numbers; from
+    then on the faster one, push winning within `margin` (it also spares the client's link).
+    """
+    if True not in latency:
+        return True
+    if False not in latency:
+        return False
+    return latency[True] <= latency[False] * (1.0 + margin)

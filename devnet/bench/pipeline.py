@@ -9,15 +9,30 @@ and head itself. Measured in this one run, fp32 on the CPU, best of `--repeats`:
 - decode tokens/s (greedy, `--new-tokens` tokens after the first),
 - time to first token for a `--prompt`-token prompt, and prefill tokens/s (prompt / TTFT),
 
-for the pipeline (with the `int8-block` and `raw` codecs), the single-process engine, and
-`transformers` `generate`. Nodes get 2 torch threads each: a pipeline runs one stage at a time,
-so each node may use the whole machine while it computes, like the single-process engine.
+for the pipeline (push with the `int8-block` and `raw` codecs, and client-driven), the
+single-process engine, and `transformers` `generate`. Nodes compute with one torch thread each
+(`--node-threads`): a decode step streams weights, which one thread does at nearly the
+machine's memory bandwidth, and idle OpenMP threads would spin on the cores other nodes need.
+
+Then, on the 125M model (`--sections`):
+
+- `wan`: push vs client-driven per-token latency with a one-way delay of 0, 10 and 50 ms on
+  every message every process sends (the link shaper, `--link-delay-ms` on the nodes and
+  `ClientConfig.link_delay_s` on the client);
+- `clients`: aggregate decode tokens/s of 1, 4 and 8 concurrent clients, beside the compute
+  ceiling of this CPU: the single-process engine's batched decode of that many sequences over
+  its decode of one (what batching could give at best here);
+- `failover`: a 4-node devnet with a spare for the middle span; the middle hop is killed
+  (SIGKILL) mid-generation; the stall is the longest gap between two tokens minus the median
+  gap, and the output must equal the undisturbed one.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -92,6 +107,18 @@ def transformers_run(model: object, ids: list[int], new_tokens: int) -> tuple[fl
     return ttft, (new_tokens - 1) / max(total - ttft, 1e-9)
 
 
+async def client_runs(client: Client, ids: list[int], n: int,
+                      repeats: int) -> tuple[list[GenerationStats], list[int]]:
+    """`repeats` timed generations after one that warms the route up."""
+    client.eos_id = None  # fixed-length generations for a fair comparison
+    runs = []
+    tokens: list[int] = []
+    for _ in range(repeats + 1):
+        tokens = [t async for t in client.generate_ids(ids, max_new_tokens=n)]
+        runs.append(client.last.stats)
+    return runs[1:], tokens
+
+
 def best(stats: Sequence[GenerationStats]) -> tuple[float, float]:
     return (min(s.first_token_s for s in stats), max(s.decode_tokens_per_s for s in stats))
 
@@ -120,38 +147,180 @@ async def measure(name: str, folder: Path, args: argparse.Namespace) -> list[lis
     spans = even_spans(ckpt.config.num_stages)
     with tempfile.TemporaryDirectory(prefix="shardnet-bench-") as root:
         async with Devnet(3, root=Path(root), model=folder, spans=spans,
-                          extra_args=["--threads", str(args.node_threads),
-                                      "--prefill-threads", str(args.node_prefill_threads)]) as net:
-            for codec in ("int8-block", "raw"):
-                config = ClientConfig(bootstrap=net.bootstrap_addrs, codec=codec)
+                          extra_args=node_args(args)) as net:
+            for codec, push in (("int8-block", "on"), ("raw", "on"), ("int8-block", "off")):
+                config = ClientConfig(bootstrap=net.bootstrap_addrs, codec=codec, push=push)
                 async with Client(model=folder, config=config) as client:
-                    client.eos_id = None  # fixed-length generations for a fair comparison
-                    runs = []
-                    tokens: list[int] = []
-                    for _ in range(args.repeats + 1):  # the first run warms the route up
-                        tokens = [t async for t in client.generate_ids(ids, max_new_tokens=n)]
-                        runs.append(client.last.stats)
+                    runs, tokens = await client_runs(client, ids, n, args.repeats)
                     route = client.last.describe_route()
-                p_ttft, p_dec = best(runs[1:])
-                rows.append([name, f"pipeline 3 nodes, {codec}", p_dec, p_dec / e_dec,
+                p_ttft, p_dec = best(runs)
+                mode = "push" if push == "on" else "client-driven"
+                rows.append([name, f"pipeline 3 nodes, {mode}, {codec}", p_dec, p_dec / e_dec,
                              p_ttft * 1e3, p_ttft / e_ttft, args.prompt / p_ttft,
                              agreement(tokens, reference), route])
+    return rows
+
+
+def node_args(args: argparse.Namespace, *extra: str) -> list[str]:
+    return ["--threads", str(args.node_threads), "--prefill-threads",
+            str(args.node_prefill_threads), *extra]
+
+
+async def wan(folder: Path, args: argparse.Namespace) -> list[list[object]]:
+    """Push vs client-driven per-token latency at several one-way delays per leg."""
+    ids = prompt_ids(folder, 16)
+    n = args.wan_tokens
+    spans = even_spans(Checkpoint.open(folder).config.num_stages)
+    rows: list[list[object]] = []
+    for delay_ms in args.delays:
+        per_token: dict[str, float] = {}
+        with tempfile.TemporaryDirectory(prefix="shardnet-bench-") as root:
+            async with Devnet(3, root=Path(root), model=folder, spans=spans,
+                              extra_args=node_args(args, "--link-delay-ms",
+                                                   str(delay_ms))) as net:
+                for push in ("on", "off"):
+                    config = ClientConfig(bootstrap=net.bootstrap_addrs, codec="int8-block",
+                                          push=push, link_delay_s=delay_ms / 1e3)
+                    async with Client(model=folder, config=config) as client:
+                        runs, _ = await client_runs(client, ids, n, args.wan_repeats)
+                    per_token[push] = 1.0 / best(runs)[1]
+        rows.append([delay_ms, per_token["off"] * 1e3, per_token["on"] * 1e3,
+                     per_token["on"] / per_token["off"]])
+    return rows
+
+
+async def clients(folder: Path, args: argparse.Namespace) -> list[list[object]]:
+    """Aggregate decode tokens/s of concurrent clients, beside this CPU's batching ceiling."""
+    ckpt = Checkpoint.open(folder)
+    n = args.new_tokens
+    span = Span.load(ckpt, 0, ckpt.config.num_stages, dtype=torch.float32)
+    single = await engine_batch(span, 1, n)
+    spans = even_spans(ckpt.config.num_stages)
+    rows: list[list[object]] = []
+    with tempfile.TemporaryDirectory(prefix="shardnet-bench-") as root:
+        async with Devnet(3, root=Path(root), model=folder, spans=spans,
+                          extra_args=node_args(args)) as net:
+            config = ClientConfig(bootstrap=net.bootstrap_addrs, codec="int8-block", push="on")
+            async with Client(model=folder, config=config) as client:
+                client.eos_id = None
+                await client_runs(client, prompt_ids(folder, 16), 4, 0)  # warm the route up
+                one = 0.0
+                for count in args.clients:
+                    rate = await concurrent_rate(client, folder, count, n)
+                    one = one or rate
+                    ceiling = await engine_batch(span, count, n) / single
+                    rows.append([count, rate, rate / one, ceiling])
+    return rows
+
+
+async def concurrent_rate(client: Client, folder: Path, count: int, n: int) -> float:
+    """Tokens/s of `count` concurrent generations with different prompts (after the first
+    token of each, which is prefill)."""
+    done: list[tuple[float, float]] = []
+
+    async def one(seed: int) -> None:
+        ids = prompt_ids(folder, 16 + seed)
+        first = 0.0
+        k = 0
+        async for _ in client.generate_ids(ids, max_new_tokens=n):
+            k += 1
+            if k == 1:
+                first = time.perf_counter()
+        done.append((first, time.perf_counter()))
+
+    async with trio.open_nursery() as nursery:
+        for seed in range(count):
+            nursery.start_soon(one, seed)
+    start = max(f for f, _ in done)  # every client is decoding from here on
+    end = min(e for _, e in done)
+    tokens = sum((end - start) / ((e - f) / (n - 1)) for f, e in done)
+    return tokens / max(end - start, 1e-9)
+
+
+async def engine_batch(span: Span, count: int, n: int) -> float:
+    """Single-process decode tokens/s of `count` sequences batched in one forward."""
+    def run() -> float:
+        caches = [span.new_cache(16 + n) for _ in range(count)]
+        x = torch.randint(0, 256, (count, 16))
+        with torch.inference_mode():
+            for b, cache in enumerate(caches):
+                span(x[b:b + 1], cache, last_only=True)
+            ids = torch.zeros(count, 1, dtype=torch.long)
+            started = time.perf_counter()
+            for _ in range(n):
+                ids = span.forward_batch(ids, caches, last_only=True).argmax(-1)
+        return count * n / (time.perf_counter() - started)
+
+    return max([await trio.to_thread.run_sync(run) for _ in range(2)])
+
+
+async def failover(folder: Path, args: argparse.Namespace) -> list[list[object]]:
+    """The stall a client sees when the middle hop is killed mid-generation."""
+    ids = prompt_ids(folder, 16)
+    n = args.new_tokens
+    spans = even_spans(Checkpoint.open(folder).config.num_stages)
+    spans.append(spans[1])  # a spare for the middle
+    rows: list[list[object]] = []
+    with tempfile.TemporaryDirectory(prefix="shardnet-bench-") as root:
+        async with Devnet(4, root=Path(root), model=folder, spans=spans,
+                          extra_args=node_args(args)) as net:
+            config = ClientConfig(bootstrap=net.bootstrap_addrs, codec="int8-block")
+            async with Client(model=folder, config=config) as client:
+                _, reference = await client_runs(client, ids, n, 1)
+                for push in ("on", "off"):
+                    client.config = dataclasses.replace(config, push=push)
+                    times: list[float] = []
+                    tokens: list[int] = []
+                    async for token in client.generate_ids(ids, max_new_tokens=n):
+                        tokens.append(token)
+                        times.append(time.perf_counter())
+                        route = client.last.route
+                        if len(tokens) == n // 3 and route is not None:
+                            victim = route.hops[len(route.hops) // 2].peer_id
+                            handle = next(h for h in net.nodes if h.alive
+                                          and h.peer_id == victim)
+                            handle.kill()
+                    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+                    stall = max(gaps) - statistics.median(gaps)
+                    rows.append(["push" if push == "on" else "client-driven",
+                                 client.last.failovers, stall * 1e3, tokens == reference])
+                    await handle.restart()
+                    _, swarm = client.running()
+                    with trio.fail_after(60):  # the spare is back in the client's view
+                        while len(swarm.snapshots()) < len(spans):
+                            await swarm.wait_changed()
     return rows
 
 
 async def main_async(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     rows: list[list[object]] = []
+    random = with_tokenizer(random_hf_checkpoint(args.cache / "llama-125m"))
     if "random" in args.models:
-        folder = with_tokenizer(random_hf_checkpoint(args.cache / "llama-125m"))
-        rows += await measure("llama-125m (random)", folder, args)
+        rows += await measure("llama-125m (random)", random, args)
     if "embedded" in args.models:
         rows += await measure("embedded", EMBEDDED_MODEL, args)
     print(f"prompt {args.prompt} tokens, {args.new_tokens} new tokens, greedy, fp32, CPU, "
           f"{args.threads} threads in the client / single process, {args.node_threads} per "
-          f"node, best of {args.repeats}")
-    print(table(["model", "path", "decode tok/s", "vs engine", "TTFT ms", "vs engine",
-                 "prefill tok/s", "greedy = engine", "route"], rows))
+          f"node, best of {args.repeats}", flush=True)
+    if rows:
+        print(table(["model", "path", "decode tok/s", "vs engine", "TTFT ms", "vs engine",
+                     "prefill tok/s", "greedy = engine", "route"], rows), flush=True)
+    if "wan" in args.sections:
+        print(f"\nper-token latency, 3 hops, one-way delay per leg, {args.wan_tokens} new "
+              f"tokens, best of {args.wan_repeats} (llama-125m)", flush=True)
+        print(table(["delay ms", "client-driven ms", "push ms", "push / client-driven"],
+                    await wan(random, args)), flush=True)
+    if "clients" in args.sections:
+        print(f"\nconcurrent clients, aggregate decode tokens/s, {args.new_tokens} new tokens "
+              "each (llama-125m)", flush=True)
+        print(table(["clients", "tokens/s", "vs 1 client", "ceiling (engine batch / 1)"],
+                    await clients(random, args)), flush=True)
+    if "failover" in args.sections:
+        print(f"\nmiddle hop killed (SIGKILL) after {args.new_tokens // 3} of "
+              f"{args.new_tokens} tokens, spare present (llama-125m)", flush=True)
+        print(table(["mode", "failovers", "stall ms", "output = undisturbed"],
+                    await failover(random, args)), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="client and single-process threads")
     p.add_argument("--node-threads", type=int, default=1)
     p.add_argument("--node-prefill-threads", type=int, default=1)
-    p.add_argument("--models", default="random,embedded")
+    p.add_argument("--models", default="random,embedded",
+                   help="models of the main table (random, embedded; empty for none)")
+    p.add_argument("--sections", default="wan,clients,failover")
+    p.add_argument("--delays", type=lambda v: [int(x) for x in v.split(",")],
+                   default=[0, 10, 50], help="one-way delays per leg, ms")
+    p.add_argument("--wan-tokens", type=int, default=16)
+    p.add_argument("--wan-repeats", type=int, default=2)
+    p.add_argument("--clients", type=lambda v: [int(x) for x in v.split(",")],
+                   default=[1, 4, 8])
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "shardnet-bench")
     args = p.parse_args(argv)
     trio.run(main_async, args)

@@ -129,3 +129,28 @@ async def test_a_push_stream_from_anyone_but_the_named_predecessor_is_refused(
                     await intruder.send(PushOpen(session_id=session_id))
                     reply = await intruder.receive()
             assert isinstance(reply, Refusal) and reply.code == "no-session"
+
+
+def test_auto_push_measures_both_modes_then_keeps_the_faster() -> None:
+    from node._pipeline import prefer_push
+
+    assert prefer_push({}) is True  # push first
+    assert prefer_push({True: 0.030}) is False  # then client-driven once, to compare
+    assert prefer_push({True: 0.030, False: 0.040}) is True
+    assert prefer_push({True: 0.041, False: 0.040}) is True  # within the margin
+    assert prefer_push({True: 0.050, False: 0.040}) is False
+
+
+async def test_auto_mode_tries_push_then_client_driven_with_the_same_output(
+    tiny_model: Path, loopback_swarm: Any
+) -> None:
+    with trio.fail_after(90):
+        async with loopback_swarm(tiny_model, SPANS) as net, \
+                Client(bootstrap=[net.bootstrap], model=tiny_model,
+                       config=ClientConfig(codec="int8-block", route_timeout_s=20)) as client:
+            modes, texts = [], []
+            for _ in range(3):
+                texts.append(await client.generate_text(PROMPT, max_new_tokens=8))
+                modes.append(client.last.push)
+    assert modes[:2] == [True, False]
+    assert len(set(texts)) == 1
