@@ -1,24 +1,15 @@
-"""Connection security for the host: Noise only, atomic writes, optional allowlist.
-
-Three py-libp2p sharp edges are absorbed here, and link shaping is applied:
+"""Connection security for the host: Noise only, fast atomic sessions, optional allowlist.
 
 * **Plaintext offered by default.** ``new_host`` offers plaintext, secio and TLS next to
   Noise unless told otherwise, so a plaintext-only peer would get an unauthenticated,
   unencrypted connection. We pass a security map holding only :class:`SafeNoise`.
-* **Cancellation tears the connection.** Noise encrypts a message (advancing its nonce)
-  and then awaits the socket write. If the writing task is cancelled at that await --
-  a ``trio.fail_after`` around a send, a session torn down while its heartbeat or a
-  yamux window update is being written -- the peer gets a gap, fails to authenticate
-  every later message ("Failed authentication of message") and drops the *whole
-  connection*, killing every other stream to that peer. Measured on 0.8.1. The
-  secure session returned by :class:`SafeNoise` writes each message under a cancel
-  shield: it is either entirely on the wire or not started, and cancellation lands
-  right after it. A write that makes no progress for :data:`WRITE_STALL_TIMEOUT`
-  seconds (peer frozen with full TCP buffers) closes the connection instead of
-  hanging: after a half-written message nothing else may follow.
+* **The transport session.** :class:`SafeNoise` hands the muxer a
+  :class:`~p2p._secure_session.NoiseSession` instead of py-libp2p's: its writes cannot
+  be torn by cancellation (a torn write kills the whole connection), and it moves
+  bytes with a fraction of the socket calls and scheduler trips.
 * **WAN emulation.** With a :class:`~p2p._shaper.LinkShaper` enabled, every write
   of a connection goes through a :class:`~p2p._shaper.ShapedWriter` (delay and
-  bandwidth per connection, FIFO); its pump performs the atomic writes above.
+  bandwidth per connection, FIFO); its pump performs the session's atomic writes.
 * **Private swarms.** With an allowlist, :class:`SafeNoise` refuses any authenticated
   peer not on it, in both directions, before a single stream exists. A pre-shared key
   (libp2p's pnet) is the coarser alternative, applied by the swarm below the handshake.
@@ -35,7 +26,7 @@ from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol, TSecurityOptions
-from libp2p.io.exceptions import ConnectionClosedError, IOException
+from libp2p.io.exceptions import IOException
 from libp2p.peer.id import ID
 from libp2p.security.exceptions import HandshakeFailure
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -44,59 +35,18 @@ from libp2p.security.secure_session import SecureSession
 
 from p2p._identity import Identity
 from p2p._peer_id import PeerId
-from p2p._shaper import LinkShaper, ShapedWriter
+from p2p._secure_session import WRITE_STALL_TIMEOUT, NoiseSession
+from p2p._shaper import LinkShaper
 
 __all__ = ["libp2p_key_pair", "security_options", "SafeNoise", "WRITE_STALL_TIMEOUT"]
 
 logger = logging.getLogger(__name__)
-
-WRITE_STALL_TIMEOUT = 60.0
 
 
 def libp2p_key_pair(identity: Identity) -> KeyPair:
     """The identity's key in libp2p's types (same seed, hence the same peer id)."""
     private = Ed25519PrivateKey.new(identity.seed())
     return KeyPair(private, private.get_public_key())
-
-
-class _AtomicWriteSession(SecureSession):
-    """A Noise session whose writes cannot be torn by cancellation (and maybe shaped)."""
-
-    shaped: ShapedWriter | None = None  # set by SafeNoise when link shaping is on
-
-    async def write(self, data: bytes) -> None:
-        if self.shaped is None:
-            await self._write_now(data)
-            return
-        try:
-            await self.shaped.send(data)
-        except trio.BrokenResourceError as exc:
-            raise ConnectionClosedError(f"shaped link to {self.remote_peer} broke") from exc
-
-    async def _write_now(self, data: bytes) -> None:
-        # One scope: the shield keeps outer cancellation out, its own deadline still
-        # fires (a stalled peer). Cancellation pending outside is delivered at the
-        # caller's next checkpoint (yamux checkpoints right after every frame).
-        deadline = trio.current_time() + WRITE_STALL_TIMEOUT
-        with trio.CancelScope(shield=True, deadline=deadline) as guard:
-            await self.conn.write_msg(data)
-        if guard.cancelled_caught:
-            logger.warning(
-                "write to %s stalled %.0fs; closing the connection",
-                self.remote_peer,
-                WRITE_STALL_TIMEOUT,
-            )
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await self.conn.close()
-            raise ConnectionClosedError("write stalled; connection closed")
-
-    async def close(self) -> None:
-        # A shaped link first lets what is in flight arrive (bounded), as TCP would.
-        try:
-            if self.shaped is not None:
-                await self.shaped.aclose()
-        finally:
-            await self.conn.close()
 
 
 # What a write on a dead connection raises (ends a shaped link's pump quietly).
@@ -108,10 +58,10 @@ _WRITE_BROKEN: tuple[type[BaseException], ...] = (
 )
 
 
-def _atomic(conn: ISecureConn, shaper: LinkShaper | None) -> ISecureConn:
+def _session(conn: ISecureConn, shaper: LinkShaper | None) -> ISecureConn:
     if not isinstance(conn, SecureSession):
         return conn
-    session = _AtomicWriteSession(
+    session = NoiseSession(
         local_peer=conn.local_peer,
         local_private_key=conn.local_private_key,
         remote_peer=conn.remote_peer,
@@ -121,13 +71,13 @@ def _atomic(conn: ISecureConn, shaper: LinkShaper | None) -> ISecureConn:
     )
     if shaper is not None:
         session.shaped = shaper.link(
-            session._write_now, broken=_WRITE_BROKEN, name=f"link to {conn.remote_peer}"
+            session.write_now, broken=_WRITE_BROKEN, name=f"link to {conn.remote_peer}"
         )
     return session
 
 
 class SafeNoise(NoiseTransport):
-    """Noise with atomic writes and an optional peer allowlist."""
+    """Noise with our transport session, optional link shaping and peer allowlist."""
 
     def __init__(
         self,
@@ -146,7 +96,7 @@ class SafeNoise(NoiseTransport):
             await conn.close()
             raise HandshakeFailure(f"peer {remote} is not on the allowlist")
         try:
-            return _atomic(conn, self._shaper)
+            return _session(conn, self._shaper)
         except trio.ClosedResourceError as exc:  # the host is stopping
             await conn.close()
             raise HandshakeFailure(f"not accepting connections: {exc}") from exc
