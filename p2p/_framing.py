@@ -5,13 +5,18 @@ Theory of operation
 A frame is an 8-byte header followed by a payload::
 
     +----------------+----------------+--------------------+
-    | length (u32 BE)| crc32 (u32 BE) | payload (length B) |
+    | length (u32 BE)| check (u32 BE) | payload (length B) |
     +----------------+----------------+--------------------+
 
 The payload is one encoded :class:`~p2p.Message`. The length is checked against
 ``WireLimits.max_frame_bytes`` as soon as the header arrives, *before* any of the
-payload is buffered, so a hostile length costs nothing. The crc32 makes a corrupted
-or spliced payload an error instead of a wrong message. A stream that ends inside a
+payload is buffered, so a hostile length costs nothing. The check is a crc32 of the
+length bytes and the first :data:`CHECKED_BYTES` of the payload: a stream that lost
+its framing (a header read from the middle of a payload), a corrupted length, or a
+damaged small message is an error instead of a wrong message. Large payloads are not
+checksummed end to end on purpose: a crc32 of a megabyte costs more CPU than
+encrypting it, and every byte on a real link is already authenticated by Noise
+(ChaCha20-Poly1305) and by TCP's own checksum under it. A stream that ends inside a
 frame raises :class:`TruncatedFrameError`, never yields a short message (libp2p
 reports a killed peer as a clean EOF; this is how we notice).
 
@@ -35,12 +40,29 @@ from typing import Final
 from p2p._errors import LocalProtocolError, RemoteProtocolError, TruncatedFrameError
 from p2p._messages import DEFAULT_LIMITS, Message, WireLimits, decode_message, encode_message
 
-__all__ = ["Framer", "FramerEvent", "NEED_DATA", "CLOSED", "HEADER_SIZE", "MAX_READ_CHUNK"]
+__all__ = [
+    "CHECKED_BYTES",
+    "CLOSED",
+    "Framer",
+    "FramerEvent",
+    "HEADER_SIZE",
+    "MAX_READ_CHUNK",
+    "NEED_DATA",
+    "frame_check",
+]
 
 _HEADER = struct.Struct(">II")
+_LENGTH = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
+# Payload bytes covered by a frame's check (all of a small message).
+CHECKED_BYTES = 4096
 # The most an adapter should feed per receive_data call; part of the buffer bound.
 MAX_READ_CHUNK = 256 * 1024
+
+
+def frame_check(length: int, payload: bytes | memoryview) -> int:
+    """The header's check word for a payload of ``length`` bytes starting ``payload``."""
+    return zlib.crc32(payload[:CHECKED_BYTES], zlib.crc32(_LENGTH.pack(length)))
 
 
 class FramerEvent(enum.Enum):
@@ -145,7 +167,7 @@ class Framer:
         with memoryview(buf) as view:
             payload = view[HEADER_SIZE:end]
             try:
-                if zlib.crc32(payload) != self._crc:
+                if frame_check(self._need, payload) != self._crc:
                     raise RemoteProtocolError("frame checksum mismatch")
                 msg = decode_message(payload, self.limits)
             finally:
@@ -172,4 +194,4 @@ class Framer:
             LocalProtocolError: the message is invalid or over the frame limit.
         """
         payload = encode_message(msg, self.limits)
-        return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+        return _HEADER.pack(len(payload), frame_check(len(payload), payload)) + payload

@@ -151,6 +151,11 @@ class NoiseSession(SecureSession):
 
     # -- reading ---------------------------------------------------------------------
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Decrypted bytes a ``read`` can return without waiting."""
+        return len(self._plain)
+
     async def read(self, n: int | None = None) -> bytes:
         """Exactly ``n`` bytes (fewer only at EOF), or the next available bytes.
 

@@ -7,6 +7,10 @@ broke. Two adapters implement it:
 * :class:`Libp2pByteStream` over a py-libp2p ``INetStream``. It maps libp2p's zoo of
   exceptions (``StreamEOF``, ``StreamReset``, ``StreamClosed``, ``MuxedStream*``,
   trio resource errors...) onto ours, explicitly, so nothing above ever meets them.
+  Reads and writes go straight to the muxed stream under the ``NetStream``: the
+  ``NetStream`` wraps each in a state lock (a scheduler trip each, and contention
+  between a session's reader and writer) to track a state we keep ourselves;
+  closing and resetting still go through it, so the swarm's bookkeeping is kept.
 * :class:`TrioByteStream` over any ``trio.abc.Stream`` (memory streams in tests, a
   plain TCP socket in the benchmark).
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import trio
-from libp2p.abc import INetStream
+from libp2p.abc import IMuxedStream, INetStream
 from libp2p.io.exceptions import IOException
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.network.stream.net_stream import NetStream
@@ -82,10 +86,11 @@ class ByteStream(Protocol):
 class Libp2pByteStream:
     """:class:`ByteStream` over a py-libp2p stream."""
 
-    __slots__ = ("_stream", "_peer", "_eof", "_done")
+    __slots__ = ("_stream", "_muxed", "_peer", "_eof", "_done")
 
     def __init__(self, stream: INetStream) -> None:
         self._stream = stream
+        self._muxed: IMuxedStream | INetStream = getattr(stream, "muxed_stream", stream)
         self._peer = PeerId.from_bytes(stream.muxed_conn.peer_id.to_bytes())
         self._eof = False
         self._done = False  # closed or reset: further close/reset calls are no-ops
@@ -105,7 +110,7 @@ class Libp2pByteStream:
         if self._eof:
             return b""
         try:
-            data = await self._stream.read(max_bytes)
+            data = await self._muxed.read(max_bytes)
         except (StreamEOF, MuxedStreamEOF):
             self._eof = True
             return b""
@@ -117,7 +122,7 @@ class Libp2pByteStream:
 
     async def send_all(self, data: bytes) -> None:
         try:
-            await self._stream.write(data)
+            await self._muxed.write(data)
         except _LIBP2P_BROKEN as exc:
             raise BrokenStreamError(f"stream to {self._peer.short()} broke: {exc!r}") from exc
         except trio.Cancelled:

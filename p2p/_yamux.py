@@ -61,6 +61,8 @@ from libp2p.stream_muxer.yamux.yamux import (
     YamuxStream,
 )
 
+from p2p._secure_session import NoiseSession
+
 __all__ = ["FastYamux", "FastYamuxStream", "MAX_FRAME_PAYLOAD", "use_fast_yamux"]
 
 logger = logging.getLogger(__name__)
@@ -297,6 +299,9 @@ class FastYamux(Yamux):
         await self._cleanup_on_error()
 
     async def _read_body(self, length: int) -> bytes:
+        conn = self.secured_conn
+        if isinstance(conn, NoiseSession) and conn.buffered_bytes >= length:
+            return await conn.read(length)  # already here: no deadline to arm
         with trio.fail_after(DATA_BODY_TIMEOUT):
             return await _read_exactly(self.secured_conn, length)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import struct
 import tracemalloc
-import zlib
 from dataclasses import dataclass
 
 import pytest
@@ -29,6 +28,7 @@ from p2p import (
     WireLimits,
     message,
 )
+from p2p._framing import CHECKED_BYTES, frame_check
 from p2p._messages import _MSGPACK_ERRORS
 
 
@@ -42,6 +42,11 @@ class Chunk(Message):
 def frames(*msgs: Message, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
     framer = Framer(limits=limits)
     return b"".join(framer.send(m) for m in msgs)
+
+
+def framed(payload: bytes) -> bytes:
+    """``payload`` behind a valid header, whatever it holds."""
+    return struct.pack(">II", len(payload), frame_check(len(payload), payload)) + payload
 
 
 def drain(framer: Framer) -> list[object]:
@@ -98,10 +103,30 @@ def test_checksum_mismatch() -> None:
         framer.next_event()
 
 
+def test_the_check_covers_the_length_and_the_head_of_the_payload() -> None:
+    big = bytearray(frames(Chunk(seq=1, data=b"d" * (3 * CHECKED_BYTES))))
+    assert len(big) % 2 == 1  # so flipping the length's low bit shortens the frame
+    for pos in (3, HEADER_SIZE + 10, HEADER_SIZE + CHECKED_BYTES - 1):
+        damaged = bytearray(big)
+        damaged[pos] ^= 0x01
+        framer = Framer()
+        framer.receive_data(bytes(damaged))
+        with pytest.raises(RemoteProtocolError, match="checksum"):
+            framer.next_event()
+    # Past the checked head, a large payload relies on the transport (Noise's AEAD):
+    # a flipped byte there decodes, as a different message.
+    damaged = bytearray(big)
+    damaged[-1] ^= 0x01
+    framer = Framer()
+    framer.receive_data(bytes(damaged))
+    msg = framer.next_event()
+    assert isinstance(msg, Chunk) and msg.data[-1:] == b"e"
+
+
 def test_not_msgpack_with_valid_frame() -> None:
     payload = b"\xc1\xc1\xc1"
     framer = Framer()
-    framer.receive_data(struct.pack(">II", len(payload), zlib.crc32(payload)) + payload)
+    framer.receive_data(framed(payload))
     with pytest.raises(RemoteProtocolError, match="msgpack"):
         framer.next_event()
 
@@ -165,7 +190,7 @@ def test_fuzz_mutated_frames(data: st.DataObject) -> None:
 def test_fuzz_payloads_behind_valid_checksums(payload: bytes) -> None:
     """Random payloads with correct length and crc: the message decoder is exposed."""
     framer = Framer(limits=FUZZ_LIMITS)
-    framer.receive_data(struct.pack(">II", len(payload), zlib.crc32(payload)) + payload)
+    framer.receive_data(framed(payload))
     with contextlib.suppress(RemoteProtocolError):
         drain(framer)
 
@@ -187,7 +212,7 @@ def test_fuzz_structured_msgpack(fields: object) -> None:
         except _MSGPACK_ERRORS:
             return
         framer = Framer(limits=FUZZ_LIMITS)
-        framer.receive_data(struct.pack(">II", len(payload), zlib.crc32(payload)) + payload)
+        framer.receive_data(framed(payload))
         with contextlib.suppress(RemoteProtocolError):
             drain(framer)
 
@@ -204,7 +229,7 @@ def test_hostile_lengths_do_not_allocate() -> None:
     try:
         for payload in hostile:
             framer = Framer(limits=FUZZ_LIMITS)
-            framer.receive_data(struct.pack(">II", len(payload), zlib.crc32(payload)) + payload)
+            framer.receive_data(framed(payload))
             with pytest.raises(RemoteProtocolError):
                 framer.next_event()
         _, peak = tracemalloc.get_traced_memory()
