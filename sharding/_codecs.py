@@ -125,9 +125,9 @@ def _quantize(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     arr = flat.numpy()
     n = arr.size
     nb = -(-n // BLOCK)
-    blocks = np.zeros(nb * BLOCK, dtype=np.float32)
-    blocks[:n] = arr
-    blocks = blocks.reshape(nb, BLOCK)
+    padded = np.zeros(nb * BLOCK, dtype=np.float32)
+    padded[:n] = arr
+    blocks = padded.reshape(nb, BLOCK)
     scale = np.abs(blocks).max(axis=1) / np.float32(127.0) if nb else np.zeros(0, np.float32)
     if nb and float(scale.max()) > _FP16_MAX:
         raise CodecError("activations too large for an fp16 block scale")
