@@ -43,6 +43,7 @@ from libp2p import new_host
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
+from libp2p.exceptions import MultiError
 from libp2p.host.exceptions import HostException
 from libp2p.io.exceptions import IOException
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
@@ -73,7 +74,7 @@ from p2p._peer_exchange import (
 from p2p._peer_id import InvalidPeerIdError, PeerId
 from p2p._pubsub import PubSub, make_gossipsub
 from p2p._rpc import ReqT, RespT, RpcHandler, RpcSpec, rpc_request, serve_rpc_stream
-from p2p._security import libp2p_key_pair, security_options
+from p2p._security import PskMismatchError, check_psk, libp2p_key_pair, security_options
 from p2p._session import SessionConfig, SessionStream, session_context
 from p2p._shaper import LinkShaper
 from p2p._streams import Libp2pByteStream
@@ -103,6 +104,25 @@ _DIAL_ERRORS: tuple[type[BaseException], ...] = (
     trio.ClosedResourceError,
     trio.TooSlowError,
 )
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``kind`` is anywhere in ``exc``'s chain of causes (libp2p wraps a lot)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kind):
+            return True
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
+        if isinstance(current, MultiError):  # the swarm's "every address failed"
+            todo.extend(current.errors)
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return False
 
 
 def _to_id(peer: PeerId) -> ID:
@@ -181,6 +201,8 @@ class Host:
             with trio.fail_after(self.config.dial_timeout):
                 await self._host.connect(PeerInfo(_to_id(peer), maddrs))
         except _DIAL_ERRORS as exc:
+            if _caused_by(exc, PskMismatchError):
+                raise DialError(f"cannot connect to {peer}: pre-shared key mismatch") from exc
             raise DialError(f"cannot connect to {peer}: {exc!r}") from exc
         if self._dht is not None:
             await self._dht.kad.add_peer(_to_id(peer))
@@ -456,6 +478,8 @@ async def _open_host(identity: Identity, config: HostConfig) -> AsyncIterator[Ho
         listen_addrs=listen,
     )
     use_fast_yamux(lp_host)
+    if config.psk is not None:
+        check_psk(lp_host)
     # The block's own exception is caught here and re-raised after every libp2p
     # service has shut down, so it is not wrapped in their nurseries' ExceptionGroups.
     body_error: Exception | None = None

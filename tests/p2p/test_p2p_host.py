@@ -216,6 +216,23 @@ async def test_allowlist_and_psk_make_private_swarms() -> None:
         assert b.connected_peers() == [a.peer_id]
 
 
+async def test_a_wrong_pre_shared_key_fails_fast_and_says_so() -> None:
+    slow = replace(LOCAL, dial_timeout=30.0)  # a hang would show as 30 s, not a failure
+    async with (
+        open_host(Identity.generate(), replace(slow, psk=b"k" * 32)) as guarded,
+        open_host(Identity.generate(), replace(slow, psk=b"q" * 32)) as wrong,
+        open_host(Identity.generate(), slow) as keyless,
+        open_host(Identity.generate(), replace(slow, psk=b"k" * 32)) as right,
+    ):
+        with trio.fail_after(5):
+            with pytest.raises(DialError, match="pre-shared key mismatch"):
+                await wrong.connect(guarded.listen_addrs()[0])
+            with pytest.raises(DialError):  # the guarded side hangs up on it at once
+                await keyless.connect(guarded.listen_addrs()[0])
+            assert await right.connect(guarded.listen_addrs()[0]) == guarded.peer_id
+        assert guarded.connected_peers() == [right.peer_id]
+
+
 async def read_line(stream: trio.abc.ReceiveStream) -> str:
     buf = b""
     while not buf.endswith(b"\n"):
