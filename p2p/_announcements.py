@@ -18,6 +18,10 @@ They travel two ways (`Announcer`):
 - the **DHT**, under ``/shardnet/<model_id>/<peer_id>`` with a strict validator that checks
   signature, key and expiry and keeps the highest sequence, plus a provider record for the
   model, so a newcomer can read the current swarm at once instead of waiting for gossip.
+  A DHT store can take seconds (it waits on the closest peers), so while the announcer
+  runs (`Announcer.running`, which `keep_publishing` enters) stores happen in a task of
+  its own: `publish` gossips and hands the record over, latest wins. Outside it a
+  store is done inline, bounded, as a plain `publish` call always did.
 
 `SwarmView` keeps the latest valid record per peer for one model (or all models, for a
 relaying bootstrap). A record with a bad signature, a peer id that does not match its key,
@@ -75,6 +79,8 @@ MAX_SIGNED_BYTES = 8192
 # Recently expired records are still relayed and still supersede older ones (see
 # `verify_announcement`); older than this they are dropped.
 SUPERSEDE_GRACE_S = 30.0
+# How long one DHT store of our record may take before it is given up.
+DHT_STORE_TIMEOUT = 5.0
 ANNOUNCE_LIMITS = WireLimits(max_frame_bytes=2 * MAX_SIGNED_BYTES, max_collection_len=64)
 _MAX_ADDRS = 16
 # Model ids are manifest hashes; the charset keeps DHT keys unambiguous ("/" separates parts).
@@ -261,7 +267,10 @@ class Announcer:
         model_id: the model served.
         version: software version announced.
         ttl_s: lifetime of each record; re-publish well before it runs out.
-        dht_every: store in the DHT on every n-th publication (the DHT is slow).
+        dht_every: store in the DHT on every n-th publication (the DHT is slow). While
+            :meth:`running`, a record is also stored when its state changed or when the
+            stored one is half way through its lifetime, so the DHT never holds a stale
+            state or an expired record while the node keeps publishing.
     """
 
     def __init__(
@@ -284,6 +293,14 @@ class Announcer:
         self._published = 0
         self._provided = False
         self.last: Announcement | None = None
+        # The background DHT writer (see `running`): the latest record it should store.
+        self._writer_running = False
+        self._dht_pending: tuple[bytes, AnnouncementState] | None = None
+        self._dht_wakeup = trio.Event()
+        self._stored_state: AnnouncementState | None = None
+        self._stored_at = -math.inf  # trio clock
+        self.dht_stores = 0
+        self.dht_failures = 0
 
     def sign(self, fields: AnnouncementFields, *, ttl_s: float | None = None) -> bytes:
         """The signed wire bytes of an announcement with the next sequence number."""
@@ -310,6 +327,9 @@ class Announcer:
     async def publish(self, fields: AnnouncementFields, *, ttl_s: float | None = None) -> None:
         """Gossip now; store in the DHT on every ``dht_every``-th call (bounded, best effort).
 
+        While :meth:`running`, the DHT store is handed to the announcer's own task and
+        this returns as soon as the record is gossiped.
+
         Args:
             fields: what to announce.
             ttl_s: lifetime of this record (default: the announcer's); a leaving node
@@ -322,26 +342,74 @@ class Announcer:
                 await pubsub.publish(ANNOUNCE_TOPIC, data)
             except P2PError as exc:
                 logger.warning("could not gossip our announcement: %s", exc)
-        dht = self.host.dht
-        if dht is not None and self._published % self.dht_every == 0:
-            dht.register_validator(DHT_NAMESPACE, _RecordValidator())
-            with trio.move_on_after(5.0):
-                try:
-                    await dht.put(announcement_key(self.model_id, self.identity.peer_id), data)
-                    if not self._provided:
-                        await dht.provide(_provider_key(self.model_id))
-                        self._provided = True
-                except P2PError as exc:
-                    logger.info("could not store our announcement in the DHT: %s", exc)
+        if self.host.dht is not None:
+            counted = self._published % self.dht_every == 0
+            if self._writer_running:
+                stale = trio.current_time() - self._stored_at >= self.ttl_s / 2
+                if counted or stale or fields.state is not self._stored_state:
+                    self._dht_pending = (data, fields.state)
+                    self._dht_wakeup.set()
+            elif counted:
+                await self._store(data, fields.state)
         self._published += 1
 
     async def keep_publishing(
         self, make: Callable[[], AnnouncementFields], interval_s: float
     ) -> None:
-        """Re-announce every ``interval_s`` seconds (fresh load figures, a new expiry)."""
+        """Re-announce every ``interval_s`` seconds (fresh load figures, a new expiry).
+
+        Runs the announcer (:meth:`running`) meanwhile, so DHT stores never delay it.
+        """
+        async with self.running():
+            while True:
+                await trio.sleep(interval_s)
+                await self.publish(make())
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Announcer]:
+        """Store records in the DHT from the announcer's own task during the block.
+
+        Re-entrant: an inner ``running`` (say ``keep_publishing`` inside an outer one)
+        uses the outer task. A store still in flight when the block ends is cancelled.
+        """
+        if self._writer_running:
+            yield self
+            return
+        async with service_nursery() as nursery:
+            self._writer_running = True
+            try:
+                nursery.start_soon(self._dht_writer)
+                yield self
+            finally:
+                self._writer_running = False
+
+    async def _dht_writer(self) -> None:
         while True:
-            await trio.sleep(interval_s)
-            await self.publish(make())
+            await self._dht_wakeup.wait()
+            self._dht_wakeup = trio.Event()
+            pending, self._dht_pending = self._dht_pending, None
+            if pending is not None:
+                await self._store(*pending)
+
+    async def _store(self, data: bytes, state: AnnouncementState) -> None:
+        """Put ``data`` in the DHT (and provide the model once), within DHT_STORE_TIMEOUT."""
+        dht = self.host.dht
+        if dht is None:
+            return
+        dht.register_validator(DHT_NAMESPACE, _RecordValidator())
+        with trio.move_on_after(DHT_STORE_TIMEOUT):
+            try:
+                await dht.put(announcement_key(self.model_id, self.identity.peer_id), data)
+                self._stored_state = state
+                self._stored_at = trio.current_time()
+                self.dht_stores += 1
+                if not self._provided:
+                    await dht.provide(_provider_key(self.model_id))
+                    self._provided = True
+                return
+            except P2PError as exc:
+                logger.info("could not store our announcement in the DHT: %s", exc)
+        self.dht_failures += 1
 
 
 class SwarmView:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Any
 
 import msgpack
 import pytest
+import trio
+import trio.testing
 
 from p2p import Identity, LocalProtocolError, P2PError, RemoteProtocolError
 from p2p._announcements import (
@@ -168,3 +171,105 @@ def test_a_record_that_expired_in_transit_still_supersedes_the_older_one() -> No
     # Long expired (replayed) records are plain drops.
     late = SwarmView(MODEL, clock=lambda: time.time() + 120.0)
     assert late.ingest(leaving) is None and late.dropped == 1
+
+
+# --- publishing: gossip at once, the DHT from the announcer's own task ------------------
+
+
+class _SlowDht:
+    """A DHT whose stores take ``put_s`` seconds (a DHT waiting on far peers)."""
+
+    def __init__(self, put_s: float) -> None:
+        self.put_s = put_s
+        self.stored: list[tuple[float, Announcement]] = []  # (clock when done, record)
+        self.provided = 0
+
+    def register_validator(self, namespace: str, validator: object) -> None:
+        pass
+
+    async def put(self, key: str, value: bytes) -> None:
+        await trio.sleep(self.put_s)
+        self.stored.append((trio.current_time(), verify_announcement(value)))
+
+    async def provide(self, key: str) -> None:
+        self.provided += 1
+
+
+class _Gossip:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        self.sent.append(data)
+
+
+class _Host:
+    def __init__(self, put_s: float) -> None:
+        self.pubsub = _Gossip()
+        self.dht = _SlowDht(put_s)
+
+
+def _publishing(host: _Host, **kwargs: Any) -> Announcer:
+    return Announcer(
+        host,  # type: ignore[arg-type]
+        Identity.generate(),
+        model_id=MODEL,
+        version="t",
+        **kwargs,
+    )
+
+
+def _state(state: AnnouncementState, load: float = 0.1) -> AnnouncementFields:
+    return dataclasses.replace(_fields(), state=state, load=load)
+
+
+async def test_publish_does_not_wait_for_the_dht(autojump_clock: trio.testing.MockClock) -> None:
+    host = _Host(put_s=4.0)
+    announcer = _publishing(host, dht_every=1)
+    async with announcer.running():
+        start = trio.current_time()
+        await announcer.publish(_state(AnnouncementState.JOINING))
+        await trio.sleep(1)  # its store is under way
+        await announcer.publish(_state(AnnouncementState.ONLINE))
+        await announcer.publish(_state(AnnouncementState.ONLINE, load=0.5))
+        assert trio.current_time() - start == 1  # gossiped at once, the store is pending
+        assert len(host.pubsub.sent) == 3
+        await trio.sleep(10)
+    # The first store took 4 s; meanwhile two more records came, the latest one won.
+    assert [(t - start, r.state, r.load) for t, r in host.dht.stored] == [
+        (4.0, AnnouncementState.JOINING, 0.1),
+        (8.0, AnnouncementState.ONLINE, 0.5),
+    ]
+    assert host.dht.provided == 1 and announcer.dht_stores == 2
+
+    # Without `running`, a publish still stores inline (bounded), as it always did.
+    slow = _Host(put_s=60.0)
+    inline = _publishing(slow)
+    start = trio.current_time()
+    await inline.publish(_fields())
+    assert trio.current_time() - start == pytest.approx(5.0)
+    assert slow.dht.stored == [] and inline.dht_failures == 1
+
+
+async def test_keep_publishing_keeps_the_dht_record_fresh(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    host = _Host(put_s=1.0)
+    # Every 5th of 2 s publications would be a store every 10 s: the whole 10 s
+    # lifetime. The half-life rule stores more often than that.
+    announcer = _publishing(host, ttl_s=10.0, dht_every=5)
+    state = AnnouncementState.JOINING
+    start = trio.current_time()
+    with trio.move_on_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(announcer.keep_publishing, lambda: _state(state), 2.0)
+            await trio.sleep(20)
+            state = AnnouncementState.ONLINE
+    times = [t - start for t, _ in host.dht.stored]
+    assert times[0] == pytest.approx(3.0)  # the first publication (at 2 s) and its put
+    # Never a gap near the record's 10 s lifetime: half of it, plus a publication
+    # interval and a put at most.
+    assert max(b - a for a, b in zip(times, times[1:], strict=False)) <= 10.0 / 2 + 2.0 + 1.0
+    # The state change was stored at the next publication, not the next 5th.
+    changed = next(t for t, r in host.dht.stored if r.state is AnnouncementState.ONLINE)
+    assert changed - start <= 20.0 + 2.0 + 1.0
