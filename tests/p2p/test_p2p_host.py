@@ -230,6 +230,13 @@ async def test_a_wrong_pre_shared_key_fails_fast_and_says_so() -> None:
             with pytest.raises(DialError):  # the guarded side hangs up on it at once
                 await keyless.connect(guarded.listen_addrs()[0])
             assert await right.connect(guarded.listen_addrs()[0]) == guarded.peer_id
+            # Sessions work through the pnet layer (Noise over an encrypted raw conn).
+            guarded.set_session_handler("/test/echo/1", echo)
+            async with right.open_session(guarded.peer_id, "/test/echo/1") as session:
+                big = Tick(seq=2, data=os.urandom(300_000))
+                for msg in (Tick(seq=1), big):
+                    await session.send(msg)
+                    assert await session.receive() == msg
         assert guarded.connected_peers() == [right.peer_id]
 
 
