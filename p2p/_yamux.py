@@ -28,12 +28,15 @@ pinger), and replaces:
   a reset stream as reset (the library reports it as a clean EOF once the stream's
   bookkeeping is dropped), and hand receive window back go-yamux style: once half the
   window has been consumed.
-  The library's 5 s limit on waiting for window (then the stream errors) is kept.
+  The library's 5 s limit on waiting for window (then the stream errors) is kept,
+  except on a shaped link (WAN emulation), where the window of a slow emulated link can
+  legitimately stay shut longer (sessions still detect a dead peer by heartbeats).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import struct
 
 import trio
@@ -71,7 +74,9 @@ _HEADER = struct.Struct(YAMUX_HEADER_FORMAT)
 # Largest DATA frame we write. Bigger frames cost the reader less per byte; smaller
 # ones let other streams' frames through sooner. (The library writes 64 KiB.)
 MAX_FRAME_PAYLOAD = 256 * 1024
-# How long a writer waits for the peer to open the window before the stream errors.
+# How long a writer waits for the peer to open the window before the stream errors
+# (py-libp2p's limit; not applied on a shaped link, where a slow emulated link, not a
+# stalled reader, can keep the window shut that long).
 WINDOW_WAIT_LIMIT = 5.0
 # Deadline for the body of a DATA frame once its header has arrived.
 DATA_BODY_TIMEOUT = 60.0
@@ -144,7 +149,8 @@ class FastYamuxStream(YamuxStream):
             sent += size
 
     async def _wait_for_window(self) -> None:
-        with trio.move_on_after(WINDOW_WAIT_LIMIT) as scope:
+        shaped = getattr(self.conn.secured_conn, "shaped", None) is not None
+        with trio.move_on_after(math.inf if shaped else WINDOW_WAIT_LIMIT) as scope:
             while self.send_window <= 0 and not self.closed:
                 self._window_opened = trio.Event()
                 # Woken by a window update; the short timeout notices a stream or

@@ -15,6 +15,7 @@ from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
 from noise.exceptions import NoiseInvalidMessage  # type: ignore[import-untyped]
 
 from p2p._secure_session import MAX_PLAINTEXT, NoiseSession
+from p2p._shaper import LinkSchedule, ShapedWriter
 from p2p._yamux import FastYamux, FastYamuxStream
 
 TAG = b"T" * 16
@@ -218,3 +219,23 @@ async def test_fin_and_reset_reach_the_reader() -> None:
             await second.reset()
             with pytest.raises(MuxedStreamReset):
                 await inbound.read(1)
+
+
+async def test_a_slow_shaped_link_does_not_time_out_the_window(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """At 20 kB/s half a window takes 6.5 s to arrive: beyond the 5 s window limit."""
+    payload = b"s" * (400 * 1024)
+    async with muxer_pair() as (client, server), trio.open_nursery() as links:
+        conn = client.secured_conn
+        assert isinstance(conn, NoiseSession)
+        conn.shaped = ShapedWriter(conn.write_now, LinkSchedule(0.05, bandwidth_bps=20_000))
+        conn.shaped.start(links)
+        out = await client.open_stream()
+        inbound = await server.accept_stream()
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(out.write, payload)
+            assert await read_exactly(inbound, len(payload)) == payload  # type: ignore[arg-type]
+        assert trio.current_time() - start >= len(payload) / 20_000
+        await conn.shaped.aclose()
