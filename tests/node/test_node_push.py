@@ -154,3 +154,26 @@ async def test_auto_mode_tries_push_then_client_driven_with_the_same_output(
                 modes.append(client.last.push)
     assert modes[:2] == [True, False]
     assert len(set(texts)) == 1
+
+
+async def test_no_replacement_fails_after_a_bounded_wait_naming_the_stages(
+    tiny_model: Path, loopback_swarm: Any
+) -> None:
+    from node import GenerationError
+
+    with trio.fail_after(60):
+        async with loopback_swarm(tiny_model, SPANS) as net, \
+                Client(bootstrap=[net.bootstrap], model=tiny_model,
+                       config=ClientConfig(codec="raw", route_timeout_s=2)) as client:
+            pieces: list[str] = []
+            with pytest.raises(GenerationError) as info:
+                async for piece in client.generate(PROMPT, max_new_tokens=40):
+                    pieces.append(piece)
+                    if len(pieces) == 5:
+                        route = client.last.route
+                        assert route is not None
+                        middle = route.hops[1]
+                        net.stop(net.index_of(middle.peer_id))
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"no peer serves stages {middle.start}-{middle.end - 1}" in message, message
