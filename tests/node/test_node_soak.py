@@ -29,13 +29,14 @@ import trio
 from devnet import Devnet
 from node import GenerationError
 from node._client import Client, ClientConfig
+from node._daemon import NodeConfig
 from node._generate import generate_ids
 from node._local import LocalStages
 from node._sampling import Sampler, SamplingParams
 from node._swarm import AnnouncementSwarm
 from node._textgen import LocalModel
 from node._worker import ServerLimits
-from p2p import PeerId
+from p2p import Announcement, PeerId
 
 pytestmark = pytest.mark.soak
 
@@ -104,6 +105,7 @@ async def _churn(net: Devnet, started: float, deadline: float, tally: Tally) -> 
         if at >= deadline:
             return
         await trio.sleep_until(at)  # the churn schedule, not a wait for the swarm to settle
+        assert _crashed(net) == []
         victim = net.nodes[turn % len(net.nodes)]
         turn += 1
         victim.kill()
@@ -112,24 +114,33 @@ async def _churn(net: Devnet, started: float, deadline: float, tally: Tally) -> 
         await victim.restart()  # same data dir: same peer id, same span; waits until online
 
 
+def _crashed(net: Devnet) -> list[str]:
+    """Nodes that exited on their own (only the churn may stop a node), with their logs."""
+    return [f"{n.name} exited with {n.returncode}, see {n.log_path}"
+            for n in net.nodes if not n.alive]
+
+
 async def _wait_no_sessions(client: Client, net: Devnet, since: float) -> None:
-    """Poll the nodes' announcements until each, published after `since`, shows no session."""
+    """Poll the nodes' announcements until each, published after `since`, shows no session.
+
+    A record's publication time is its expiry minus the nodes' TTL, so an older record (say
+    from the DHT) cannot vouch for a node.
+    """
     limits = ServerLimits()
+    ttl_s = NodeConfig(data_dir=Path()).announce_ttl_s  # what the devnet's nodes run with
     peers = {PeerId.from_string(n.peer_id): n.name for n in net.nodes}
+
+    def idle(record: Announcement | None) -> bool:
+        return (record is not None and record.expires_at - ttl_s > since
+                and record.load == 0 and record.free_cache_tokens == limits.max_cache_tokens)
+
     async with AnnouncementSwarm.watch(client.host, client.model_id) as swarm:
         view = swarm.view
-        busy = dict(peers)
         with trio.move_on_after(30):
-            while busy:
-                for peer in list(busy):
-                    record, accepted = view.get(peer), view.accepted_at(peer)
-                    if (record is not None and accepted is not None and accepted > since
-                            and record.load == 0
-                            and record.free_cache_tokens == limits.max_cache_tokens):
-                        del busy[peer]
+            while not all(idle(view.get(peer)) for peer in peers):
                 await swarm.wait_changed()
-        leaked = {name: view.get(peer) for peer, name in busy.items()}
-    assert not leaked, f"nodes still announce sessions 30 s after the clients stopped: {leaked}"
+        busy = {name: view.get(peer) for peer, name in peers.items() if not idle(view.get(peer))}
+    assert not busy, f"30 s after the clients stopped, not every node announces 0 sessions: {busy}"
 
 
 def _leftover_processes(needle: Path) -> list[str]:
@@ -183,6 +194,7 @@ async def test_churn_soak_fails_no_generation_and_leaks_nothing(
                 await _churn(net, started, deadline, tally)
                 await trio.sleep_until(deadline)
                 stop.set()  # each client finishes the generation it is in
+            assert _crashed(net) == []
             stopped = time.time()
             await _wait_no_sessions(first, net, stopped)
     print(f"soak {SOAK_S:.0f} s: {tally.generations} generations, {len(tally.kills)} kills "
