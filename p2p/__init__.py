@@ -6,13 +6,15 @@ Only re-exports live here; the code is in the modules. What the node layer uses:
   ``identity.sign(domain, payload)`` / ``peer_id.verify(domain, payload, sig)``.
 * ``async with open_host(identity, HostConfig(...)) as host`` -- the libp2p host
   (Noise + Yamux over TCP, bootstrap + peer exchange, optional mDNS, DHT, gossipsub,
-  optional PSK / allowlist). ``host.connect(addr)``, ``host.listen_addrs()``.
+  optional PSK / allowlist, optional WAN emulation with ``link_delay_s`` and
+  ``link_bandwidth_bps``). ``host.connect(addr)``, ``host.listen_addrs()``.
 * ``async with host.open_session(peer, protocol) as session`` and
   ``host.set_session_handler(protocol, handler)`` -- long-lived framed message streams
   with heartbeats and flow control (``session.send(msg)`` / ``await session.receive()``).
 * ``host.request(peer, RpcSpec(...), msg)`` / ``host.set_rpc_handler(spec, handler)``.
 * ``Announcer`` and ``SwarmView.watch(host, model_id)`` -- signed announcements
-  through gossip and the DHT.
+  through gossip and the DHT (``async with announcer.running()`` keeps DHT stores off
+  ``publish``'s path; ``keep_publishing`` does it for you).
 * ``@message(name, version)`` frozen dataclasses, ``Tensor``, ``WireLimits``.
 """
 
