@@ -19,7 +19,18 @@ _MAX_REASON = 256
 @message("p2p.Ping", 1)
 @dataclass(frozen=True, slots=True)
 class Ping(Message):
-    """A heartbeat: sent when a side has had nothing else to send for a while."""
+    """A heartbeat: sent when a side has had nothing else to send for a while.
+
+    `dead_after` is the sender's own silence limit (0 = not said): the receiver then pings
+    at least four times within it, so two sides configured differently do not declare each
+    other dead while both are healthy. Each side sends one ping when the session opens.
+    """
+
+    dead_after: float = 0.0
+
+    def validate(self, limits: WireLimits) -> None:
+        if not 0.0 <= self.dead_after <= 86400.0:  # NaN fails too
+            raise ValueError("dead_after out of range")
 
 
 @message("p2p.Credit", 1)

@@ -75,6 +75,7 @@ class SessionProtocol:
         self._goodbye_received = False
         self._goodbye_sent = False
         self.credit_changed = False  # set when a grant arrived; the adapter clears it
+        self.peer_dead_after = 0.0  # the peer's silence limit, once its ping said it
 
     # -- outbound ---------------------------------------------------------------
 
@@ -112,9 +113,9 @@ class SessionProtocol:
         self._send_credit -= len(frame) - HEADER_SIZE
         return frame
 
-    def ping(self) -> bytes:
-        """A heartbeat frame."""
-        return self.framer.send(Ping())
+    def ping(self, dead_after: float = 0.0) -> bytes:
+        """A heartbeat frame (saying our own silence limit, when given)."""
+        return self.framer.send(Ping(dead_after=dead_after))
 
     def goodbye(self, reason: str = "") -> bytes:
         """The closing frame; nothing may be sent after it."""
@@ -161,6 +162,8 @@ class SessionProtocol:
             if self._goodbye_received:
                 raise RemoteProtocolError("frame after goodbye", peer=self.peer)
             if isinstance(event, Ping):
+                if event.dead_after > 0:
+                    self.peer_dead_after = event.dead_after
                 continue
             if isinstance(event, Credit):
                 self._send_credit += event.amount

@@ -54,6 +54,9 @@ __all__ = ["SessionConfig", "SessionStream", "SessionStatistics", "session_conte
 
 logger = logging.getLogger(__name__)
 
+# However strict a peer's silence limit, we do not ping more often than this.
+MIN_PING_INTERVAL = 0.05
+
 
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
@@ -110,6 +113,7 @@ class SessionStream:
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[Message, int]](math.inf)
         self._write_lock = trio.StrictFIFOLock()
         self._credit_event = trio.Event()
+        self._interval_changed = trio.Event()
         self._error: P2PError | None = None
         self._goodbye_received = False
         self._closing = False
@@ -264,10 +268,17 @@ class SessionStream:
         self._credit_event.set()
 
     async def _send_initial(self) -> None:
-        grant = self._proto.initial_bytes()
-        if grant:
-            with contextlib.suppress(P2PError):  # stored; surfaces on first use
-                await self._write(grant)
+        # Our window beyond the initial one, and a ping that tells the peer our silence limit.
+        frames = self._proto.initial_bytes() + self._proto.ping(self.config.dead_after)
+        with contextlib.suppress(P2PError):  # stored; surfaces on first use
+            await self._write(frames)
+
+    def _heed_peer_limit(self) -> None:
+        """Ping at least four times within the peer's silence limit, if it is the stricter."""
+        wanted = max(self._proto.peer_dead_after / 4, MIN_PING_INTERVAL)
+        if wanted < self._liveness.ping_interval:
+            self._liveness.ping_interval = wanted
+            self._interval_changed.set()
 
     async def _reader(self) -> None:
         try:
@@ -287,6 +298,8 @@ class SessionStream:
         """Process buffered frames; True once the stream is finished."""
         while True:
             event = self._proto.next_event()
+            if self._proto.peer_dead_after:
+                self._heed_peer_limit()
             if self._proto.credit_changed:
                 self._proto.credit_changed = False
                 self._credit_event.set()
@@ -322,12 +335,14 @@ class SessionStream:
 
     async def _pinger(self) -> None:
         while True:
-            await trio.sleep_until(self._liveness.ping_at())
+            with trio.move_on_at(self._liveness.ping_at()):
+                await self._interval_changed.wait()  # the peer asked for more frequent pings
+                self._interval_changed = trio.Event()
             if self._closing or self._error is not None:
                 return
             if self._liveness.ping_due(trio.current_time()):
                 try:
-                    await self._write(self._proto.ping())
+                    await self._write(self._proto.ping(self.config.dead_after))
                 except P2PError:
                     return
                 self._pings_sent += 1

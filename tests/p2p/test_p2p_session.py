@@ -104,6 +104,23 @@ async def test_idle_sessions_stay_alive_on_heartbeats(
         assert a.statistics().pings_sent >= 60 / (CONFIG.dead_after / 4) - 2
 
 
+async def test_a_stricter_peer_gets_pinged_often_enough(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A client declaring servers dead after 1 s, a server pinging every 5 s / 4 when idle:
+    # the server learns the client's limit from its first ping and pings four times within it.
+    strict, lax = SessionConfig(dead_after=1.0), SessionConfig(dead_after=5.0)
+    left, right = trio.testing.memory_stream_pair()
+    async with (
+        session_context(TrioByteStream(left, remote_peer=PEER), config=strict) as a,
+        session_context(TrioByteStream(right, remote_peer=PEER), config=lax) as b,
+    ):
+        await trio.sleep(30)
+        await b.send(Step(seq=1))
+        assert await a.receive() == Step(seq=1)  # not declared dead meanwhile
+        assert b.statistics().pings_sent >= 30 / 0.25 - 2
+
+
 async def test_slow_reader_stalls_the_writer_not_the_stream(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
