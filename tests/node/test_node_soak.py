@@ -33,10 +33,9 @@ from node._daemon import NodeConfig
 from node._generate import generate_ids
 from node._local import LocalStages
 from node._sampling import Sampler, SamplingParams
-from node._swarm import AnnouncementSwarm
 from node._textgen import LocalModel
 from node._worker import ServerLimits
-from p2p import Announcement, PeerId
+from p2p import Announcement, HostConfig, Identity, PeerId, SwarmView, open_host
 
 pytestmark = pytest.mark.soak
 
@@ -120,11 +119,12 @@ def _crashed(net: Devnet) -> list[str]:
             for n in net.nodes if not n.alive]
 
 
-async def _wait_no_sessions(client: Client, net: Devnet, since: float) -> None:
+async def _wait_no_sessions(net: Devnet, model_id: str, since: float) -> None:
     """Poll the nodes' announcements until each, published after `since`, shows no session.
 
     A record's publication time is its expiry minus the nodes' TTL, so an older record (say
-    from the DHT) cannot vouch for a node.
+    from the DHT) cannot vouch for a node. The observer is a host of its own: a second watch
+    on a client's host would share (and, leaving, unsubscribe) the client's gossip topic.
     """
     limits = ServerLimits()
     ttl_s = NodeConfig(data_dir=Path()).announce_ttl_s  # what the devnet's nodes run with
@@ -134,11 +134,13 @@ async def _wait_no_sessions(client: Client, net: Devnet, since: float) -> None:
         return (record is not None and record.expires_at - ttl_s > since
                 and record.load == 0 and record.free_cache_tokens == limits.max_cache_tokens)
 
-    async with AnnouncementSwarm.watch(client.host, client.model_id) as swarm:
-        view = swarm.view
+    config = HostConfig(listen_addrs=("/ip4/127.0.0.1/tcp/0",), bootstrap=net.bootstrap_addrs,
+                        enable_mdns=False)
+    async with open_host(Identity.generate(), config) as host, \
+            SwarmView.watch(host, model_id) as view:
         with trio.move_on_after(30):
             while not all(idle(view.get(peer)) for peer in peers):
-                await swarm.wait_changed()
+                await view.wait_changed()
         busy = {name: view.get(peer) for peer, name in peers.items() if not idle(view.get(peer))}
     assert not busy, f"30 s after the clients stopped, not every node announces 0 sessions: {busy}"
 
@@ -196,7 +198,7 @@ async def test_churn_soak_fails_no_generation_and_leaks_nothing(
                 stop.set()  # each client finishes the generation it is in
             assert _crashed(net) == []
             stopped = time.time()
-            await _wait_no_sessions(first, net, stopped)
+            await _wait_no_sessions(net, first.model_id, stopped)
     print(f"soak {SOAK_S:.0f} s: {tally.generations} generations, {len(tally.kills)} kills "
           f"({', '.join(tally.kills)}), {tally.failovers} failovers, "
           f"{len(tally.failures)} failures")
