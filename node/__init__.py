@@ -1,5 +1,13 @@
 """node: the daemon, the inference service, the client SDK and routing, and the CLI."""
 
+import os
+
+# Before torch loads OpenMP: idle OpenMP workers then sleep at once instead of spinning. Nodes
+# share cores with other nodes and with clients (a devnet, a laptop); spinning workers of a node
+# that just finished a prefill measurably stole the cores the next hop needed. An explicit
+# setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from node._client import Client, ClientConfig, RunInfo, generate_blocking
 from node._daemon import NodeConfig, RunningNode, run_node
 from node._errors import GenerationError, HopFailedError, NodeError, RefusedError

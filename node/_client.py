@@ -85,8 +85,10 @@ class ClientConfig:
     max_failovers: int = 8
     # "on", "off", or "auto": push first, client-driven once, then whichever measured faster.
     push: str = "auto"
-    # Prompt chunk (tokens) sent back to back when pushing, so hops overlap (0 = one piece).
-    prefill_chunk: int = 32
+    # Longer prompts go in chunks of this many tokens, sent back to back when pushing, so hops
+    # on different machines work on different chunks at once (0 = one piece). Smaller chunks
+    # overlap more but run less efficient matrix products.
+    prefill_chunk: int = 128
     link_delay_s: float = 0.0
     link_bandwidth_bps: float = 0.0
 

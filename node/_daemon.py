@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -520,7 +521,8 @@ class _Server:
             lambda: Span.load(self.ckpt, start, end, device=config.device))
         worker = SpanWorker(span, model_id=self.model_id, limits=config.limits,
                             decode_threads=max(1, config.threads),
-                            prefill_threads=config.prefill_threads or config.threads)
+                            prefill_threads=config.prefill_threads or default_prefill_threads(
+                                config.threads))
         live.throughput = await trio.to_thread.run_sync(_measure_throughput, span)
         live.worker, live.state = worker, AnnouncementState.ONLINE
         live.rebalances += moved
@@ -654,3 +656,10 @@ async def _signals(stop: trio.Event) -> None:
 
 def with_overrides(config: NodeConfig, **changes: Any) -> NodeConfig:
     return replace(config, **{k: v for k, v in changes.items() if v is not None})
+
+
+def default_prefill_threads(threads: int) -> int:
+    """Prefill is compute-bound: by default it uses every core (decode, memory-bound, keeps
+    `threads`); OpenMP workers sleep between forwards (see `node/__init__`), so cores go back
+    to other processes at once."""
+    return max(threads, os.cpu_count() or 1)

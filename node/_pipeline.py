@@ -5,8 +5,8 @@ Theory of operation
 A `Pipeline` owns the sessions of one generation (one `RemoteHop` per hop of the route) and
 runs each forward step across them. It is the single consumer of the hops' `HopEvent`s.
 
-*Push* (the default when every link works): the hops are opened last to first, each told its
-successor, and a step is sent to the first hop only; each hop forwards its output to the next
+*Push* (the default when every link works): the hops are opened, each told its successor,
+and a step is sent to the first hop only; each hop forwards its output to the next
 and also sends it back here. A token then crosses one leg per hop plus one back, instead of
 two per hop. *Client-driven*: the client sends every hop its input itself. Both modes can mix
 within one step: when a hop says it did not push (`pushed=False`), the client sends the next
@@ -93,38 +93,46 @@ class Pipeline:
         self.info.push = self.push
 
     async def _open_hops(self, route: Route, *, push: bool) -> list[RemoteHop]:
-        """Open hops last to first (a hop's successor session must exist before it pushes)."""
+        """Open every hop of `route` at once (a hop's push stream waits for its successor)."""
         client = self.client
         nursery, swarm = client.running()
         c = client.model_config
         ids = [secrets.token_bytes(16) for _ in route.hops]
-        opened: list[RemoteHop] = []
-        for i in reversed(range(len(route.hops))):
-            hop = route.hops[i]
+        hops: list[RemoteHop] = []
+        for i, hop in enumerate(route.hops):
             successor = None
             if push and i + 1 < len(route.hops):
                 successor = (swarm.addrs(route.hops[i + 1].peer_id), ids[i + 1])
-            remote = RemoteHop(
+            hops.append(RemoteHop(
                 client.host, peer=PeerId.from_string(hop.peer_id), addrs=swarm.addrs(hop.peer_id),
                 start=hop.start, end=hop.end, model_id=client.model_id,
                 max_length=self.max_length, codec=self.config.codec, session_id=ids[i],
                 hidden_size=c.hidden_size, vocab_size=c.vocab_size, num_stages=c.num_stages,
                 session_config=SessionConfig(dead_after=self.config.dead_after_s),
                 events=self._send.clone(), successor=successor,
-                predecessor=route.hops[i - 1].peer_id if push and i > 0 else "")
+                predecessor=route.hops[i - 1].peer_id if push and i > 0 else ""))
+        failures: list[tuple[RemoteHop, HopFailedError | RefusedError]] = []
+
+        async def start(remote: RemoteHop) -> None:
             try:
                 await nursery.start(remote.run)
             except (HopFailedError, RefusedError) as exc:
-                for h in opened:
-                    h.aclose()
-                if isinstance(exc, RefusedError):
-                    if not exc.retryable:
-                        raise GenerationError(f"peer {hop.peer_id[:16]} refused the session: "
-                                              f"{exc}") from exc
-                    raise remote.failure(f"refused the session: {exc}") from exc
-                raise
-            opened.append(remote)
-        return opened[::-1]
+                failures.append((remote, exc))
+
+        async with trio.open_nursery() as starting:
+            for remote in hops:
+                starting.start_soon(start, remote)
+        if failures:
+            for remote in hops:
+                remote.aclose()
+            remote, exc = failures[0]
+            if isinstance(exc, RefusedError):
+                if not exc.retryable:
+                    raise GenerationError(f"peer {remote.peer_id[:16]} refused the session: "
+                                          f"{exc}") from exc
+                raise remote.failure(f"refused the session: {exc}") from exc
+            raise exc
+        return hops
 
     def close(self) -> None:
         for hop in self.hops:

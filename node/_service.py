@@ -8,7 +8,8 @@ this handler speaks the inference protocol on it. A stream starts with either
   a protocol violation, the node shutting down — the `finally` frees it. When the client names
   a successor, the node first opens a push stream to it and says in `SessionOpened` whether
   that worked; or
-* `PushOpen` from the previous hop of a session opened here, accepted only from the peer the
+* `PushOpen` from the previous hop of a session opened here (or about to be: a client opens
+  its hops at once, so this waits a moment for the session), accepted only from the peer the
   client named as predecessor: its steps are computed exactly like the client's own.
 
 Each step's output goes to the client, and, when the step asks for push, first to the
@@ -58,9 +59,21 @@ class _Served:
     closed: bool = False
 
 
-# The open sessions of each worker, by session id: the push handler looks them up.
-_SERVED: weakref.WeakKeyDictionary[SpanWorker, dict[bytes, _Served]] = \
-    weakref.WeakKeyDictionary()
+@dataclass(slots=True)
+class _Table:
+    """The open sessions of one worker by id, and an event set whenever one opens."""
+
+    sessions: dict[bytes, _Served] = field(default_factory=dict)
+    opened: trio.Event = field(default_factory=trio.Event)
+
+    def add(self, session_id: bytes, served: _Served) -> None:
+        self.sessions[session_id] = served
+        self.opened.set()
+        self.opened = trio.Event()
+
+
+# The push handler looks sessions up here.
+_SERVED: weakref.WeakKeyDictionary[SpanWorker, _Table] = weakref.WeakKeyDictionary()
 
 
 def _refusal(exc: RefusedError, step: int = -1) -> Refusal:
@@ -108,8 +121,8 @@ async def _serve_client(worker: SpanWorker, session: SessionStream, request: Ope
                 request.start, request.end, request.max_length, request.codec,
                 ", push" if request.successor else "")
     served = _Served(ws=ws, client=session, predecessor=request.predecessor)
-    table = _SERVED.setdefault(worker, {})
-    table[request.session_id] = served
+    table = _SERVED.setdefault(worker, _Table())
+    table.add(request.session_id, served)
     try:
         async with AsyncExitStack() as stack:
             if request.successor:
@@ -131,7 +144,7 @@ async def _serve_client(worker: SpanWorker, session: SessionStream, request: Ope
         logger.info("session %s from %s ended: %s", sid, peer, exc)
     finally:
         served.closed = True
-        table.pop(request.session_id, None)
+        table.sessions.pop(request.session_id, None)
         worker.close(request.session_id)
         logger.info("session %s closed; %d open", sid, len(worker.sessions))
 
@@ -174,7 +187,12 @@ def _successor(addrs: tuple[str, ...]) -> tuple[PeerId, list[str]]:
 
 async def _serve_push(worker: SpanWorker, stream: SessionStream, request: PushOpen,
                       peer: str) -> None:
-    served = _SERVED.get(worker, {}).get(request.session_id)
+    # A client opens its hops at once, so the push stream may come before the session.
+    table = _SERVED.setdefault(worker, _Table())
+    with trio.move_on_after(PUSH_OPEN_TIMEOUT_S):
+        while request.session_id not in table.sessions:
+            await table.opened.wait()
+    served = table.sessions.get(request.session_id)
     sender = str(stream.peer) if stream.peer is not None else ""
     if served is None or served.closed or not served.predecessor \
             or served.predecessor != sender or served.attached:

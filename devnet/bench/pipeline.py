@@ -10,9 +10,10 @@ and head itself. Measured in this one run, fp32 on the CPU, best of `--repeats`:
 - time to first token for a `--prompt`-token prompt, and prefill tokens/s (prompt / TTFT),
 
 for the pipeline (push with the `int8-block` and `raw` codecs, and client-driven), the
-single-process engine, and `transformers` `generate`. Nodes compute with one torch thread each
+single-process engine, and `transformers` `generate`. Nodes decode with one torch thread each
 (`--node-threads`): a decode step streams weights, which one thread does at nearly the
-machine's memory bandwidth, and idle OpenMP threads would spin on the cores other nodes need.
+machine's memory bandwidth; they prefill with every core, their OpenMP workers sleeping as soon
+as a forward ends (`OMP_WAIT_POLICY=PASSIVE`, set by `node`), so the next hop gets the cores.
 
 Then, on the 125M model (`--sections`):
 
@@ -162,8 +163,9 @@ async def measure(name: str, folder: Path, args: argparse.Namespace) -> list[lis
 
 
 def node_args(args: argparse.Namespace, *extra: str) -> list[str]:
-    return ["--threads", str(args.node_threads), "--prefill-threads",
-            str(args.node_prefill_threads), *extra]
+    prefill = ["--prefill-threads", str(args.node_prefill_threads)] \
+        if args.node_prefill_threads else []
+    return ["--threads", str(args.node_threads), *prefill, *extra]
 
 
 async def wan(folder: Path, args: argparse.Namespace) -> list[list[object]]:
@@ -330,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="client and single-process threads")
     p.add_argument("--node-threads", type=int, default=1)
-    p.add_argument("--node-prefill-threads", type=int, default=1)
+    p.add_argument("--node-prefill-threads", type=int, default=0,
+                   help="0: the node's default (every core, OpenMP workers sleeping when idle)")
     p.add_argument("--models", default="random,embedded",
                    help="models of the main table (random, embedded; empty for none)")
     p.add_argument("--sections", default="wan,clients,failover")
