@@ -125,6 +125,8 @@ def best(stats: Sequence[GenerationStats]) -> tuple[float, float]:
 
 
 async def measure(name: str, folder: Path, args: argparse.Namespace) -> list[list[object]]:
+    """One model's rows. The engine runs before and after the pipeline and its best run is
+    the baseline, so a noisy moment cannot flatter the ratios."""
     import transformers
 
     ids = prompt_ids(folder, args.prompt)
@@ -136,15 +138,9 @@ async def measure(name: str, folder: Path, args: argparse.Namespace) -> list[lis
               for r in range(args.repeats)]
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     hf_runs = [transformers_run(hf, ids, n) for _ in range(args.repeats)]
-    del hf, span
-    e_ttft, e_dec = best(engine)
+    del hf
     t_ttft, t_dec = min(r[0] for r in hf_runs), max(r[1] for r in hf_runs)
-    rows: list[list[object]] = [
-        [name, "transformers", t_dec, t_dec / e_dec, t_ttft * 1e3, t_ttft / e_ttft,
-         args.prompt / t_ttft, "", ""],
-        [name, "engine (1 process)", e_dec, 1.0, e_ttft * 1e3, 1.0, args.prompt / e_ttft, "",
-         ""],
-    ]
+    measured: list[tuple[str, float, float, str, str]] = [("transformers", t_dec, t_ttft, "", "")]
     spans = even_spans(ckpt.config.num_stages)
     with tempfile.TemporaryDirectory(prefix="shardnet-bench-") as root:
         async with Devnet(3, root=Path(root), model=folder, spans=spans,
@@ -156,10 +152,13 @@ async def measure(name: str, folder: Path, args: argparse.Namespace) -> list[lis
                     route = client.last.describe_route()
                 p_ttft, p_dec = best(runs)
                 mode = "push" if push == "on" else "client-driven"
-                rows.append([name, f"pipeline 3 nodes, {mode}, {codec}", p_dec, p_dec / e_dec,
-                             p_ttft * 1e3, p_ttft / e_ttft, args.prompt / p_ttft,
-                             agreement(tokens, reference), route])
-    return rows
+                measured.append((f"pipeline 3 nodes, {mode}, {codec}", p_dec, p_ttft,
+                                 agreement(tokens, reference), route))
+    engine += [await engine_run(span, ids, n) for _ in range(args.repeats)]
+    e_ttft, e_dec = best(engine)
+    measured.insert(1, ("engine (1 process)", e_dec, e_ttft, "", ""))
+    return [[name, path, dec, dec / e_dec, ttft * 1e3, ttft / e_ttft, args.prompt / ttft,
+             agree, route] for path, dec, ttft, agree, route in measured]
 
 
 def node_args(args: argparse.Namespace, *extra: str) -> list[str]:
