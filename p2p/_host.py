@@ -52,7 +52,6 @@ from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.protocol_muxer.exceptions import MultiselectClientError, MultiselectError
-from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.exceptions import HandshakeFailure, SecurityError
 from libp2p.stream_muxer.exceptions import MuxedConnError, MuxedStreamError
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -72,7 +71,7 @@ from p2p._peer_exchange import (
     PeerExchangeRequest,
 )
 from p2p._peer_id import InvalidPeerIdError, PeerId
-from p2p._pubsub import PubSub, make_gossipsub
+from p2p._pubsub import PubSub, SafePubsub, make_gossipsub
 from p2p._rpc import ReqT, RespT, RpcHandler, RpcSpec, rpc_request, serve_rpc_stream
 from p2p._security import PskMismatchError, check_psk, libp2p_key_pair, security_options
 from p2p._session import SessionConfig, SessionStream, session_context
@@ -499,7 +498,7 @@ async def _open_host(identity: Identity, config: HostConfig) -> AsyncIterator[Ho
         pubsub: PubSub | None = None
         if config.enable_pubsub:
             router = make_gossipsub(config.gossip)
-            lp_pubsub = Pubsub(lp_host, router)
+            lp_pubsub = SafePubsub(lp_host, router)
             await stack.enter_async_context(background_trio_service(lp_pubsub))
             await stack.enter_async_context(background_trio_service(router))
             await lp_pubsub.wait_until_ready()

@@ -23,12 +23,13 @@ stops at the first honest hop.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
-from libp2p.abc import ISubscriptionAPI
+from google.protobuf.message import DecodeError
+from libp2p.abc import INetStream, ISubscriptionAPI
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
@@ -97,6 +98,36 @@ class _GossipSub(GossipSub):
 
     def _check_graft_flood_protection(self, peer_id: ID, topic: str) -> bool:
         return True
+
+    def _get_in_topic_gossipsub_peers_from_minus(
+        self, topic: str, num_to_select: int, minus: Iterable[ID], backoff_check: bool = False
+    ) -> list[ID]:
+        # py-libp2p 0.8.1 indexes pubsub.peer_topics[topic] unguarded here. The entry is gone
+        # once no known peer subscribes, and the whole table is cleared when the pubsub
+        # service stops while connections still deliver RPCs; a GRAFT then is answered with
+        # a PRUNE carrying peer exchange (do_px), and the KeyError tore down the host.
+        if self.pubsub is not None and topic not in self.pubsub.peer_topics:
+            return []
+        return super()._get_in_topic_gossipsub_peers_from_minus(
+            topic, num_to_select, minus, backoff_check
+        )
+
+
+class SafePubsub(Pubsub):
+    """Pubsub whose stream reader survives a peer's undecodable RPC.
+
+    py-libp2p 0.8.1 lets ``DecodeError`` escape ``continuously_read_stream``; it ends the
+    connection's task group and with it the whole host: one garbled or hostile message
+    killed a node. Here it costs that peer's pubsub stream only.
+    """
+
+    async def continuously_read_stream(self, stream: INetStream) -> None:
+        try:
+            await super().continuously_read_stream(stream)
+        except DecodeError as exc:
+            logger.warning("pubsub: undecodable RPC from %s, stream reset: %s",
+                           stream.muxed_conn.peer_id, exc)
+            await stream.reset()
 
 
 def make_gossipsub(config: GossipConfig) -> GossipSub:

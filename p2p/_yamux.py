@@ -122,12 +122,26 @@ class FastYamuxStream(YamuxStream):
     def __init__(self, stream_id: int, conn: Yamux, is_initiator: bool) -> None:
         super().__init__(stream_id, conn, is_initiator)
         self._window_opened = trio.Event()
+        # One write at a time: a write cut into several frames (send window exhausted, or
+        # over MAX_FRAME_PAYLOAD) must reach the peer contiguous, or another task's write
+        # lands inside it. py-libp2p's pubsub writes one stream per peer from several tasks.
+        self._writing = trio.StrictFIFOLock()
 
     def window_grew(self) -> None:
         """Wake a writer waiting for send window (called when the peer grants more)."""
         self._window_opened.set()
 
     async def write(self, data: bytes) -> None:
+        try:  # uncontended: no scheduler trip (the frame write checkpoints anyway)
+            self._writing.acquire_nowait()
+        except trio.WouldBlock:
+            await self._writing.acquire()
+        try:
+            await self._write_frames(data)
+        finally:
+            self._writing.release()
+
+    async def _write_frames(self, data: bytes) -> None:
         total = len(data)
         sent = 0
         while sent < total:

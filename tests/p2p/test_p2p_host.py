@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ from p2p import (
     Identity,
     Message,
     PeerDeadError,
+    Ping,
     RemoteProtocolError,
     RemoteRpcError,
     RpcRefusal,
@@ -162,7 +164,7 @@ async def test_bad_frames_are_contained_to_their_stream(
                 framed = FramedStream(raw)
                 with contextlib.suppress(BrokenStreamError):
                     while (msg := await framed.receive()) is not None:
-                        assert isinstance(msg, Credit) or msg == Tick(seq=1)
+                        assert isinstance(msg, Credit | Ping) or msg == Tick(seq=1)
                 # the connection's other streams and the host keep working
                 await healthy.send(Tick(seq=2))
                 assert await healthy.receive() == Tick(seq=2)
@@ -174,6 +176,26 @@ async def test_bad_frames_are_contained_to_their_stream(
                 )
     assert "exceeds" in str(errors[0])
     assert str(a.peer_id) in caplog.text
+
+
+async def test_garbage_gossip_costs_the_sender_its_stream_not_the_host(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # py-libp2p's pubsub let a protobuf DecodeError end the connection's task group, and with
+    # it the whole host: one hostile frame on /meshsub killed a node.
+    config = dataclasses.replace(LOCAL, enable_pubsub=True)
+    async with two_hosts(config) as (a, b):
+        b.set_rpc_handler(ECHO, upper)
+        with trio.fail_after(10):
+            await a.connect(b.listen_addrs()[0])
+            raw = await a.open_stream(b.peer_id, "/meshsub/1.1.0")
+            await raw.send_all(b"\x10" + b"\xff" * 16)  # a varint length, then no protobuf
+            with contextlib.suppress(BrokenStreamError):
+                while await raw.receive_some(1024):
+                    pass  # until b resets the stream
+            assert await a.request(b.peer_id, ECHO, Query(text="alive")) == Answer(
+                text="ALIVE", asker=str(a.peer_id))
+    assert "undecodable RPC" in caplog.text
 
 
 async def test_plaintext_only_dialer_is_refused() -> None:

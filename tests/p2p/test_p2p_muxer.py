@@ -50,7 +50,7 @@ class Raw:
 
     async def write(self, data: bytes) -> None:
         self.writes += 1
-        await self.stream.send_all(data)  # type: ignore[union-attr]
+        await self.stream.send_all(data)
 
     async def close(self) -> None:
         await self.stream.aclose()
@@ -199,6 +199,26 @@ async def test_bulk_beyond_the_window_in_large_frames() -> None:
             # two writes each (a 64 KiB frame is just over one Noise message).
             writes = client.secured_conn.conn.raw.writes  # type: ignore[attr-defined]
             assert writes <= 2 + len(payload) // (128 * 1024)
+
+
+async def test_concurrent_writes_on_one_stream_stay_whole() -> None:
+    # Two tasks write messages larger than the send window on one stream (py-libp2p's pubsub
+    # does this); each write must arrive contiguous, never cut by the other's frames.
+    size = 300 * 1024
+    messages = [bytes([i]) * size for i in range(1, 5)]
+    with trio.fail_after(20):
+        async with muxer_pair() as (client, server):
+            out = await client.open_stream()
+            inbound = await server.accept_stream()
+            got = bytearray()
+            async with trio.open_nursery() as nursery:
+                for m in messages:
+                    nursery.start_soon(out.write, m)
+                while len(got) < size * len(messages):
+                    await trio.sleep(0.001)  # a slow reader: writers wait for window
+                    got += await inbound.read(64 * 1024)
+    chunks = [bytes(got[i:i + size]) for i in range(0, len(got), size)]
+    assert sorted(chunks) == sorted(messages)
 
 
 async def test_fin_and_reset_reach_the_reader() -> None:
