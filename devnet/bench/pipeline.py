@@ -37,6 +37,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import torch
@@ -125,38 +126,50 @@ def best(stats: Sequence[GenerationStats]) -> tuple[float, float]:
 
 
 async def measure(name: str, folder: Path, args: argparse.Namespace) -> list[list[object]]:
-    """One model's rows. The engine runs before and after the pipeline and its best run is
-    the baseline, so a noisy moment cannot flatter the ratios."""
+    """One model's rows. Every path runs once per round, rounds interleaved while the devnet
+    is up, best of `repeats` rounds each: on a shared machine a noisy minute then hits every
+    path alike instead of flattering one of them."""
     import transformers
 
     ids = prompt_ids(folder, args.prompt)
     n = args.new_tokens
     ckpt = Checkpoint.open(folder)
     span = Span.load(ckpt, 0, ckpt.config.num_stages, dtype=torch.float32)
-    reference: list[int] = []
-    engine = [await engine_run(span, ids, n, reference if not r else None)
-              for r in range(args.repeats)]
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    hf_runs = [transformers_run(hf, ids, n) for _ in range(args.repeats)]
-    del hf
-    t_ttft, t_dec = min(r[0] for r in hf_runs), max(r[1] for r in hf_runs)
-    measured: list[tuple[str, float, float, str, str]] = [("transformers", t_dec, t_ttft, "", "")]
+    reference: list[int] = []
+    await engine_run(span, ids, n, reference)  # warm-up, and the reference tokens
+    modes = (("int8-block", "on"), ("raw", "on"), ("int8-block", "off"))
+    engine: list[GenerationStats] = []
+    hf_runs: list[tuple[float, float]] = []
+    runs: dict[tuple[str, str], list[GenerationStats]] = {m: [] for m in modes}
+    tokens: dict[tuple[str, str], list[int]] = {}
+    routes: dict[tuple[str, str], str] = {}
     spans = even_spans(ckpt.config.num_stages)
     with tempfile.TemporaryDirectory(prefix="shardnet-bench-") as root:
         async with Devnet(3, root=Path(root), model=folder, spans=spans,
-                          extra_args=node_args(args)) as net:
-            for codec, push in (("int8-block", "on"), ("raw", "on"), ("int8-block", "off")):
+                          extra_args=node_args(args)) as net, AsyncExitStack() as stack:
+            clients = {}
+            for codec, push in modes:
                 config = ClientConfig(bootstrap=net.bootstrap_addrs, codec=codec, push=push)
-                async with Client(model=folder, config=config) as client:
-                    runs, tokens = await client_runs(client, ids, n, args.repeats)
-                    route = client.last.describe_route()
-                p_ttft, p_dec = best(runs)
-                mode = "push" if push == "on" else "client-driven"
-                measured.append((f"pipeline 3 nodes, {mode}, {codec}", p_dec, p_ttft,
-                                 agreement(tokens, reference), route))
-    engine += [await engine_run(span, ids, n) for _ in range(args.repeats)]
+                client = await stack.enter_async_context(Client(model=folder, config=config))
+                await client_runs(client, ids, n, 0)  # warms the route up
+                clients[(codec, push)] = client
+            for _ in range(args.repeats):
+                engine.append(await engine_run(span, ids, n))
+                hf_runs.append(transformers_run(hf, ids, n))
+                for key, client in clients.items():
+                    tokens[key] = [t async for t in client.generate_ids(ids, max_new_tokens=n)]
+                    runs[key].append(client.last.stats)
+                    routes[key] = client.last.describe_route()
     e_ttft, e_dec = best(engine)
-    measured.insert(1, ("engine (1 process)", e_dec, e_ttft, "", ""))
+    t_ttft, t_dec = min(r[0] for r in hf_runs), max(r[1] for r in hf_runs)
+    measured = [("transformers", t_dec, t_ttft, "", ""), ("engine (1 process)", e_dec, e_ttft,
+                                                          "", "")]
+    for codec, push in modes:
+        p_ttft, p_dec = best(runs[(codec, push)])
+        how = "push" if push == "on" else "client-driven"
+        measured.append((f"pipeline 3 nodes, {how}, {codec}", p_dec, p_ttft,
+                         agreement(tokens[(codec, push)], reference), routes[(codec, push)]))
     return [[name, path, dec, dec / e_dec, ttft * 1e3, ttft / e_ttft, args.prompt / ttft,
              agree, route] for path, dec, ttft, agree, route in measured]
 
