@@ -2,11 +2,12 @@
 
 import os
 
-# Before torch loads OpenMP: idle OpenMP workers then sleep at once instead of spinning. Nodes
-# share cores with other nodes and with clients (a devnet, a laptop); spinning workers of a node
-# that just finished a prefill measurably stole the cores the next hop needed. An explicit
-# setting in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads OpenMP (GNU libgomp here): idle workers spin ~1000 iterations, then sleep.
+# Nodes share cores with other nodes and clients (a devnet, a laptop); with libgomp's default
+# (300,000) the workers of a node that just finished a prefill kept spinning on the cores the
+# next hop needed, and with no spinning at all (OMP_WAIT_POLICY=PASSIVE) a 2-thread prefill
+# lost a third of its speedup to wake-ups between operations. An explicit setting wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 from node._client import Client, ClientConfig, RunInfo, generate_blocking
 from node._daemon import NodeConfig, RunningNode, run_node

@@ -660,6 +660,6 @@ def with_overrides(config: NodeConfig, **changes: Any) -> NodeConfig:
 
 def default_prefill_threads(threads: int) -> int:
     """Prefill is compute-bound: by default it uses every core (decode, memory-bound, keeps
-    `threads`); OpenMP workers sleep between forwards (see `node/__init__`), so cores go back
-    to other processes at once."""
+    `threads`); OpenMP workers stop spinning right after a forward (see `node/__init__`), so
+    the cores go back to other processes at once."""
     return max(threads, os.cpu_count() or 1)

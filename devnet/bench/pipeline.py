@@ -12,8 +12,8 @@ and head itself. Measured in this one run, fp32 on the CPU, best of `--repeats`:
 for the pipeline (push with the `int8-block` and `raw` codecs, and client-driven), the
 single-process engine, and `transformers` `generate`. Nodes decode with one torch thread each
 (`--node-threads`): a decode step streams weights, which one thread does at nearly the
-machine's memory bandwidth; they prefill with every core, their OpenMP workers sleeping as soon
-as a forward ends (`OMP_WAIT_POLICY=PASSIVE`, set by `node`), so the next hop gets the cores.
+machine's memory bandwidth; they prefill with every core, their OpenMP workers sleeping soon after
+a forward ends (`GOMP_SPINCOUNT=1000`, set by `node`), so the next hop gets the cores.
 
 Then, on the 125M model (`--sections`):
 
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="client and single-process threads")
     p.add_argument("--node-threads", type=int, default=1)
     p.add_argument("--node-prefill-threads", type=int, default=0,
-                   help="0: the node's default (every core, OpenMP workers sleeping when idle)")
+                   help="0: the node's default (every core)")
     p.add_argument("--models", default="random,embedded",
                    help="models of the main table (random, embedded; empty for none)")
     p.add_argument("--sections", default="wan,clients,failover")
