@@ -8,6 +8,7 @@ network path must match); `node` runs the daemon; `devnet` runs and disturbs a l
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tempfile
 import time
@@ -182,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_node_parser(sub)
     add_devnet_parser(sub)
     args = parser.parse_args(argv)
+    # py-libp2p logs routine DHT chatter as warnings; in a terminal it would land in the middle
+    # of the streamed text. Our own problems are reported as one-line errors instead.
+    for noisy in ("libp2p", "multiaddr", "async_service"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     return int(args.func(args))
 
 
