@@ -154,10 +154,13 @@ async def measure(name: str, folder: Path, args: argparse.Namespace) -> list[lis
                 client = await stack.enter_async_context(Client(model=folder, config=config))
                 await client_runs(client, ids, n, 0)  # warms the route up
                 clients[(codec, push)] = client
-            for _ in range(args.repeats):
+            order = list(clients.items())
+            for r in range(args.repeats):
                 engine.append(await engine_run(span, ids, n))
                 hf_runs.append(transformers_run(hf, ids, n))
-                for key, client in clients.items():
+                # Rotated each round: the slot right after the single-process runs was slower
+                # (a cold node after seconds of idling), whichever mode sat in it.
+                for key, client in order[r % len(order):] + order[:r % len(order)]:
                     tokens[key] = [t async for t in client.generate_ids(ids, max_new_tokens=n)]
                     runs[key].append(client.last.stats)
                     routes[key] = client.last.describe_route()
