@@ -83,6 +83,7 @@ SUPERSEDE_GRACE_S = 30.0
 DHT_STORE_TIMEOUT = 5.0
 ANNOUNCE_LIMITS = WireLimits(max_frame_bytes=2 * MAX_SIGNED_BYTES, max_collection_len=64)
 _MAX_ADDRS = 16
+_MAX_THROUGHPUT = 1e12  # tokens/s: far above any real span, and finite
 # Model ids are manifest hashes; the charset keeps DHT keys unambiguous ("/" separates parts).
 _MODEL_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -134,7 +135,10 @@ class Announcement(Message):
             raise ValueError("too many or too long addresses")
         if not 0 <= self.start < self.end:
             raise ValueError("span must satisfy 0 <= start < end")
-        if self.throughput < 0 or self.free_cache_tokens < 0 or not 0 <= self.load <= 1:
+        # Written so NaN fails too: a NaN or infinite throughput once reached every client's
+        # routing and broke it for the whole swarm.
+        if not 0 <= self.throughput <= _MAX_THROUGHPUT or self.free_cache_tokens < 0 \
+                or not 0 <= self.load <= 1:
             raise ValueError("throughput, free cache and load must be in range")
         if not _MODEL_ID.fullmatch(self.model_id) or len(self.version) > 32 or self.seq < 0:
             raise ValueError("bad model id, version or sequence")

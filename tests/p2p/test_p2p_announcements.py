@@ -119,6 +119,9 @@ def test_dht_validator_checks_key_signature_and_expiry() -> None:
         ("model_id", "has/slash"),
         ("addrs", ["x"] * 17),
         ("throughput", -1.0),
+        ("throughput", float("nan")),
+        ("throughput", float("inf")),
+        ("load", float("nan")),
         ("seq", "1"),
     ],
 )
