@@ -47,6 +47,7 @@ from devnet._topology import (
     remove_topology,
     write_topology,
 )
+from node._node_cli import non_negative
 
 DEFAULT_DIR = Path(tempfile.gettempdir()) / "shardnet-devnet"
 _WATCH_INTERVAL = 0.5
@@ -94,9 +95,9 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
                     help="what starts a node process, split like a shell (default: %(default)s)")
     up.add_argument("--node-arg", action="append", default=[], dest="node_args",
                     metavar="ARG", help="pass ARG to every node (--node-arg=--grace=5)")
-    up.add_argument("--link-delay-ms", type=_non_negative, metavar="MS",
+    up.add_argument("--link-delay-ms", type=non_negative, metavar="MS",
                     help="WAN emulation: every node delays each message it sends by MS")
-    up.add_argument("--link-bandwidth-mbps", type=_non_negative, metavar="MBPS",
+    up.add_argument("--link-bandwidth-mbps", type=non_negative, metavar="MBPS",
                     help="WAN emulation: every node sends at most MBPS megabits/s per link")
     up.add_argument("--ready-timeout", type=float, default=120.0,
                     help="seconds to wait for all nodes to come online (default 120)")
@@ -116,16 +117,6 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
         if name == "restart":
             p.add_argument("--ready-timeout", type=float, default=120.0,
                            help="seconds to wait for it to come online (default 120)")
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
 
 
 def node_args(args: argparse.Namespace) -> list[str]:

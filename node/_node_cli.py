@@ -44,9 +44,9 @@ def add_node_parser(sub: Any) -> None:
         p.add_argument("--bootstrap", action="append", help="multiaddr /.../p2p/ID (repeatable)")
         p.add_argument("--no-mdns", action="store_true", help="no LAN discovery")
         p.add_argument("--log-level", default="INFO")
-        p.add_argument("--link-delay-ms", type=_non_negative,
+        p.add_argument("--link-delay-ms", type=non_negative,
                        help="WAN emulation: one-way delay added to every message sent (ms)")
-        p.add_argument("--link-bandwidth-mbps", type=_non_negative,
+        p.add_argument("--link-bandwidth-mbps", type=non_negative,
                        help="WAN emulation: send rate cap per link, megabits/s (0 = none)")
         if role == "run":
             p.add_argument("--model", type=Path, help="checkpoint folder (default: embedded)")
@@ -60,13 +60,14 @@ def add_node_parser(sub: Any) -> None:
             p.add_argument("--max-cache-tokens", type=int)
             p.add_argument("--max-length", type=int)
             p.add_argument("--grace", type=float, help="seconds open sessions may finish")
-            p.add_argument("--rebalance-interval", type=_non_negative,
+            p.add_argument("--rebalance-interval", type=non_negative,
                            help="seconds between checks whether an auto span should move "
                                 "(default 30; 0 = never move)")
         p.set_defaults(func=_run)
 
 
-def _non_negative(text: str) -> float:
+def non_negative(text: str) -> float:
+    """An argparse type: a finite number >= 0 (also used by `devnet up`'s shaping flags)."""
     try:
         value = float(text)
     except ValueError:

@@ -388,7 +388,7 @@ class SpanWorker:
                     job.state = _State.QUEUED
                     bisect.insort(self._queue, job, key=lambda j: j.ticket)
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - handed to every caller below, not swallowed
                 # A bug or an environmental failure (not a refusal, which the thread returns as
                 # a result). It is not swallowed: every step that shared the forward re-raises
                 # it to its own caller, as an unbatched worker would have.

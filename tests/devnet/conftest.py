@@ -19,6 +19,7 @@ import pytest
 import trio
 
 from devnet import NetnsPlan, Role, node_command
+from devnet._leaks import leftover_processes, unreaped_children
 
 STUB = Path(__file__).with_name("stub_node.py")
 STUB_PROGRAM = (sys.executable, str(STUB))
@@ -43,38 +44,6 @@ def stub_builder(per_node: dict[str, Sequence[str]] | None = None,
         return argv + more
 
     return build
-
-
-def leftover_processes(needle: Path) -> list[str]:
-    """Live (non-zombie) processes whose command line mentions ``needle``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            raw = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if str(needle).encode() in raw:
-            argv = raw.replace(b"\0", b" ").decode(errors="replace")
-            found.append(f"{entry.name}: {argv}")
-    return found
-
-
-def unreaped_children() -> list[int]:
-    """Children of this process that exited but were never waited for."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        state, ppid = stat.rpartition(")")[2].split()[:2]
-        if int(ppid) == os.getpid() and state == "Z":
-            found.append(int(entry.name))
-    return found
 
 
 def leftover_netns(root: Path) -> list[str]:

@@ -27,6 +27,7 @@ import pytest
 import trio
 
 from devnet import Devnet
+from devnet._leaks import leftover_processes, unreaped_children
 from node import GenerationError
 from node._client import Client, ClientConfig
 from node._daemon import NodeConfig
@@ -145,37 +146,6 @@ async def _wait_no_sessions(net: Devnet, model_id: str, since: float) -> None:
     assert not busy, f"30 s after the clients stopped, not every node announces 0 sessions: {busy}"
 
 
-def _leftover_processes(needle: Path) -> list[str]:
-    """Live processes (not this one) whose command line mentions `needle`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if str(needle).encode() in argv:
-            found.append(entry.name + ": " + argv.replace(b"\0", b" ").decode(errors="replace"))
-    return found
-
-
-def _unreaped_children() -> list[int]:
-    """Children of this process that exited and were never waited for (zombies)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        state, ppid = stat.rpartition(")")[2].split()[:2]
-        if int(ppid) == os.getpid() and state == "Z":
-            found.append(int(entry.name))
-    return found
-
-
 async def test_churn_soak_fails_no_generation_and_leaks_nothing(
     tmp_path: Path, tiny_model: Path
 ) -> None:
@@ -206,5 +176,5 @@ async def test_churn_soak_fails_no_generation_and_leaks_nothing(
     assert tally.generations >= CLIENTS * SOAK_S / 30  # the clients really kept generating
     assert len(tally.kills) == max(0, int((SOAK_S - 1e-9) // PERIOD_S))
     assert tally.failovers > 0  # the churn really hit the clients
-    assert _leftover_processes(root) == []
-    assert _unreaped_children() == []
+    assert leftover_processes(root) == []
+    assert unreaped_children() == []
