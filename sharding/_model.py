@@ -8,6 +8,21 @@ memory 1.3-1.4x faster than `F.linear` over the checkpoint's (out, in) layout wh
 come from DRAM (decode is bound by exactly that). `weights()` converts back to the checkpoint's
 separate (out, in) tensors.
 
+Which kernel runs a product depends on its rows, because on CPUs no one kernel is good at both
+(measured on this project's 2-core AMD EPYC machine, 4 blocks of the 125M model):
+
+* one row (a decode step of one session): numpy's OpenBLAS `gemv` over the (in, out) matrix,
+  15-30% faster than torch's MKL path, which is 10-25% faster than oneDNN's;
+* several rows (a batch of sessions, a prefill): oneDNN with the matrix `pack()`ed into its
+  blocked layout (`torch.ops.mkldnn`, what torch's compiler uses for frozen linears), when the
+  span holds that second copy. MKL's small-M kernels are poor on these cores (2 rows cost 1.8x
+  one row, 8 rows 2.7x); packed, 8 rows cost 1.3x one row, prefill runs 1.3-1.6x faster, and
+  each row's result does not depend on the other rows of the batch. Without the copy, torch's
+  matmul runs them.
+
+The packed copy doubles the weights' memory, so it is a choice (`Span.load(pack=...)`; a node
+makes it from its memory budget). It cannot be trained, so a training model never packs.
+
 Shapes: B = batch (sessions), T = new tokens, S = cached + new positions, C = hidden size,
 H = query heads, K = key/value heads, D = head dim.
 """
@@ -100,15 +115,55 @@ def attention_mask(
     return mask
 
 
-def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ w (+ b)` for a weight stored (in, out): (B, T, in) -> (B, T, out)."""
-    y = torch.matmul(x, w)
+def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+            packed: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ w (+ b)` for a weight stored (in, out): (B, T, in) -> (B, T, out).
+
+    `packed` is the same matrix in oneDNN's layout (see the module docstring for the kernels).
+    """
+    rows = x.numel() // x.shape[-1]
+    if packed is not None and rows > 1:
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+        return out
+    if rows == 1 and _numpy_gemv(x, w):
+        y = torch.from_numpy(x.reshape(1, -1).numpy() @ w.numpy())
+        y = y.reshape(*x.shape[:-1], w.shape[1])
+    else:
+        y = torch.matmul(x, w)
     return y if b is None else y + b
+
+
+def _numpy_gemv(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether a one-row product can go through numpy: float32 on the CPU, no autograd."""
+    return (x.device.type == "cpu" and w.device.type == "cpu"
+            and x.dtype == torch.float32 and w.dtype == torch.float32
+            and not (x.requires_grad or w.requires_grad))
 
 
 def transposed(w: torch.Tensor) -> torch.Tensor:
     """A checkpoint's (out, in) matrix as a contiguous (in, out) one."""
     return w.t().contiguous()
+
+
+# The batch size oneDNN lays the packed weights out for: decode batches are 1-8 rows. Laid out
+# for 8, eight rows cost 1.3x one row (measured on 4 blocks of the 125M model, one thread);
+# laid out for 1, they cost 2x, for one row 1% less.
+_PACK_ROWS = 8
+
+
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `pack()` applies: float32 on a CPU with oneDNN's linear kernels in this torch."""
+    return (device.type == "cpu" and dtype == torch.float32
+            and bool(torch._C._has_mkldnn)
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def packed(w: torch.Tensor) -> torch.Tensor:
+    """A copy of an (in, out) matrix in oneDNN's blocked layout for linear."""
+    out: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(transposed(w.detach()),
+                                                                _PACK_ROWS)
+    return out
 
 
 class Attention(nn.Module):
@@ -122,6 +177,8 @@ class Attention(nn.Module):
         self.b_qkv = None if b_qkv is None else nn.Parameter(b_qkv)
         self.wo = nn.Parameter(wo)
         self.bo = None if bo is None else nn.Parameter(bo)
+        self.p_qkv: torch.Tensor | None = None  # packed copies (`pack`)
+        self.p_o: torch.Tensor | None = None
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
@@ -130,7 +187,7 @@ class Attention(nn.Module):
         c = self.config
         B, T, _ = x.shape
         H, K, D = c.num_heads, c.num_kv_heads, c.head_dim
-        qkv = project(x, self.w_qkv, self.b_qkv)  # (B, T, (H + 2K) * D)
+        qkv = project(x, self.w_qkv, self.b_qkv, self.p_qkv)  # (B, T, (H + 2K) * D)
         q, k, v = torch.split(qkv, [H * D, K * D, K * D], dim=-1)
         q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)  # (B, H, T, D)
         k = apply_rope(k.view(B, T, K, D).transpose(1, 2), cos, sin)  # (B, K, T, D)
@@ -145,7 +202,10 @@ class Attention(nn.Module):
                 outs.append(self._attend(q[b : b + 1], keys, values, pos))
             y = outs[0] if B == 1 else torch.cat(outs)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H * D)
-        return project(y, self.wo, self.bo)  # (B, T, C)
+        return project(y, self.wo, self.bo, self.p_o)  # (B, T, C)
+
+    def pack(self) -> None:
+        self.p_qkv, self.p_o = packed(self.w_qkv), packed(self.wo)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor:
         T, S = q.shape[2], k.shape[2]
@@ -164,10 +224,15 @@ class MLP(nn.Module):
         super().__init__()
         self.w_gate_up = nn.Parameter(w_gate_up)
         self.w_down = nn.Parameter(w_down)
+        self.p_gate_up: torch.Tensor | None = None  # packed copies (`pack`)
+        self.p_down: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, self.w_gate_up).chunk(2, dim=-1)  # (B, T, I) each
-        return project(F.silu(gate) * up, self.w_down)  # (B, T, C)
+        gate, up = project(x, self.w_gate_up, packed=self.p_gate_up).chunk(2, dim=-1)  # (B,T,I)
+        return project(F.silu(gate) * up, self.w_down, packed=self.p_down)  # (B, T, C)
+
+    def pack(self) -> None:
+        self.p_gate_up, self.p_down = packed(self.w_gate_up), packed(self.w_down)
 
 
 class Block(nn.Module):
@@ -192,6 +257,15 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin, layer, caches)  # (B, T, C)
         out: torch.Tensor = x + self.mlp(self.mlp_norm(x))  # (B, T, C)
         return out
+
+    def pack(self) -> None:
+        """Inference only: add oneDNN copies of the matrices (see the module docstring)."""
+        self.attn.pack()
+        self.mlp.pack()
+
+    @property
+    def packed(self) -> bool:
+        return self.attn.p_qkv is not None
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The block's tensors under our logical names, split back into checkpoint shapes."""
@@ -240,14 +314,20 @@ class Head(nn.Module):
         # otherwise the head holds its own (C, V) copy for the faster (in, out) product.
         self.tied = tied
         self.lm_head = nn.Parameter(transposed(weights["lm_head"])) if tied is None else None
+        self.p_head: torch.Tensor | None = None  # packed copy (`pack`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
-            return project(self.norm(x), self.lm_head)  # (B, T, V)
+            return project(self.norm(x), self.lm_head, packed=self.p_head)  # (B, T, V)
         if self.tied is None:  # pragma: no cover - one of the two is always set
             raise RuntimeError("head has no weights")
         out: torch.Tensor = F.linear(self.norm(x), self.tied)  # (B, T, V)
         return out
+
+    def pack(self) -> None:
+        """Inference only: add a oneDNN copy of the LM head (a tied head is left as it is)."""
+        if self.lm_head is not None:
+            self.p_head = packed(self.lm_head)
 
     def weights(self) -> dict[str, torch.Tensor]:
         head = self.lm_head.detach().t() if self.lm_head is not None else self.tied

@@ -23,7 +23,14 @@ from sharding._checkpoint import Checkpoint
 from sharding._config import ModelConfig
 from sharding._errors import PositionError, SpanError
 from sharding._kvcache import KVCache
-from sharding._model import Block, Embedding, Head, inverse_frequencies, rope_tables
+from sharding._model import (
+    Block,
+    Embedding,
+    Head,
+    can_pack,
+    inverse_frequencies,
+    rope_tables,
+)
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -94,10 +101,13 @@ class Span(nn.Module):
     def load(
         cls, checkpoint: Checkpoint | str | os.PathLike[str], start: int, end: int, *,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        pack: bool = True,
     ) -> Span:
         """Load stages `[start, end)` from a checkpoint folder, reading only their tensors.
 
-        Every stage is validated (names, shapes, dtypes) before any weight is read.
+        Every stage is validated (names, shapes, dtypes) before any weight is read. With
+        `pack` (the default) a float32 span on a CPU also holds a oneDNN copy of its matrices
+        (`pack()`: faster batches and prefill, twice the weights' memory).
         """
         ckpt = (checkpoint if isinstance(checkpoint, Checkpoint)
                 else Checkpoint.open(Path(checkpoint)))
@@ -108,7 +118,33 @@ class Span(nn.Module):
         dt = dtype or compute_dtype(ckpt.config.dtype, dev)
         weights = {s: ckpt.load_stage(s, dtype=dt, device=dev) for s in range(start, end)}
         span = cls(ckpt.config, start, end, weights).requires_grad_(False).eval()
+        if pack:
+            span.pack()
         return span
+
+    def pack(self) -> bool:
+        """Inference only: add a copy of every matrix in oneDNN's layout, where that applies.
+
+        Products of several rows then run on it: a batch of decode steps costs little more
+        than one step, and prefill runs faster (numbers in `sharding/_model.py`); single rows
+        keep the dense matrices. The copy doubles the weights' memory and cannot be trained.
+        Returns whether it packed.
+        """
+        if not can_pack(self.device, self.dtype):
+            return False
+        for block in self.blocks:
+            cast(Block, block).pack()
+        if self.head is not None:
+            self.head.pack()
+        return True
+
+    @property
+    def packed(self) -> bool:
+        """Whether this span holds oneDNN copies of its matrices (`pack`)."""
+        blocks = [cast(Block, b).packed for b in self.blocks]
+        if self.head is not None and self.head.lm_head is not None:
+            blocks.append(self.head.p_head is not None)
+        return bool(blocks) and all(blocks)
 
     # -- inputs and caches ------------------------------------------------------------------
 
