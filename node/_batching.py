@@ -13,9 +13,15 @@ wait in a queue, and when the device frees up the worker asks `next_work` what t
   chunk comes a decode batch. A long prefill then delays each decode by at most one chunk, and
   a stream of decodes cannot starve a prefill either.
 
-There is no timer: the batching window is exactly the time the previous forward took, so a lone
-session never waits, and under load each forward takes everything that queued behind it
-("continuous batching").
+The batching window is the time the previous forward took, so under load each forward takes
+everything that queued behind it ("continuous batching"). An idle worker adds one bounded wait
+(`gather_wait`): when a decode step arrives while other sessions that are decoding here have
+not sent theirs yet, it waits for them for at most a fraction of a decode forward. Without it,
+the steps a previous hop pushes out one after another after its batch arrive a few hundred
+microseconds apart, the first one runs alone, and the rest run in a second forward that costs
+as much as the first (a packed batch of 8 costs about what one step does): the sessions split
+into groups that never rejoin, and every hop runs twice the forwards. A lone session never
+waits.
 """
 
 from __future__ import annotations
@@ -30,10 +36,14 @@ class BatchPolicy:
 
     max_batch: int = 16
     prefill_chunk: int = 128
+    gather_fraction: float = 0.5  # of the last decode forward's time, at most...
+    max_gather_s: float = 0.008  # ...and never longer than this
 
     def __post_init__(self) -> None:
         if self.max_batch <= 0 or self.prefill_chunk <= 0:
             raise ValueError("max_batch and prefill_chunk must be positive")
+        if not (0 <= self.gather_fraction <= 1 and 0 <= self.max_gather_s <= 1):
+            raise ValueError("gather_fraction must be in [0, 1] and max_gather_s in [0, 1] s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,3 +83,16 @@ def next_work(queue: Sequence[Queued], *, after_decode: bool, policy: BatchPolic
         return Work(tickets=(first.ticket,), decode=False,
                     tokens=min(first.tokens_left, policy.prefill_chunk))
     return None
+
+
+def gather_wait(*, queued_decodes: int, missing: int, prefills: int, last_decode_s: float,
+                policy: BatchPolicy) -> float:
+    """Seconds an idle worker waits for `missing` decoding sessions before its next forward.
+
+    Only decode batches wait (a prefill chunk runs at once), only when some session that is
+    decoding here has no step queued yet, and never when the batch is already full.
+    """
+    if queued_decodes <= 0 or missing <= 0 or prefills > 0 or last_decode_s <= 0 \
+            or queued_decodes >= policy.max_batch:
+        return 0.0
+    return min(policy.max_gather_s, policy.gather_fraction * last_decode_s)

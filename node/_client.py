@@ -36,7 +36,7 @@ import trio
 
 from node._errors import GenerationError, HopFailedError, RefusedError
 from node._generate import Forward, GenerationStats, generate_ids, stream_text
-from node._local import LocalStages
+from node._local import LocalStages, SharedHead
 from node._pipeline import Pipeline, prefer_push
 from node._routing import (
     BanList,
@@ -150,7 +150,7 @@ class Client:
         self._swarm = swarm
         self._host = host
         self._embed: Span | None = None
-        self._head: Span | None = None
+        self._head: SharedHead | None = None
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
         self.bans = BanList()
@@ -180,7 +180,8 @@ class Client:
             if self._checkpoint is not None and self.config.local_stages:
                 n = self.model_config.num_stages
                 self._embed = await trio.to_thread.run_sync(Span.load, self._checkpoint, 0, 1)
-                self._head = await trio.to_thread.run_sync(Span.load, self._checkpoint, n - 1, n)
+                head = await trio.to_thread.run_sync(Span.load, self._checkpoint, n - 1, n)
+                self._head = SharedHead(head, limiter=self.limiter)
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             self._stack = stack.pop_all()
         return self
@@ -246,12 +247,14 @@ class Client:
             n = self.model_config.num_stages
             embed = LocalStages(self._embed, max_length=max_length, limiter=self.limiter,
                                 inline=True)
-            head = LocalStages(self._head, max_length=max_length, limiter=self.limiter)
+            head = self._head
             info.local_stages = ((0, 1), (n - 1, n))
         want_push = self.config.push == "on" or (self.config.push == "auto"
                                                  and prefer_push(self._latency))
         pipeline = Pipeline(self, max_length=max_length, prompt_tokens=tokens, info=info,
                             embed=embed, head=head, want_push=want_push)
+        if head is not None:
+            head.users += 1
         try:
             await pipeline.open_route()
             yield pipeline.forward
@@ -259,6 +262,8 @@ class Client:
             raise GenerationError(str(exc)) from exc
         finally:
             pipeline.close()
+            if head is not None:
+                head.users -= 1
         self._measured(info)
 
     def _measured(self, info: RunInfo) -> None:

@@ -122,6 +122,7 @@ class NodeConfig:
     bootstrap: tuple[str, ...] = ()
     threads: int = 1
     prefill_threads: int | None = None
+    packed_weights: str = "auto"
     device: str | None = None
     mdns: bool = True
     limits: ServerLimits = field(default_factory=ServerLimits)
@@ -152,6 +153,9 @@ class NodeConfig:
         value = self.rebalance_min_improvement
         if not _is_number(value) or not 1 <= value < math.inf:
             raise ValueError(f"rebalance_min_improvement must be >= 1, got {value!r}")
+        if self.packed_weights not in PACKED_WEIGHTS:
+            raise ValueError(f"packed_weights must be one of {', '.join(PACKED_WEIGHTS)}, "
+                             f"got {self.packed_weights!r}")
 
     @classmethod
     def from_toml(cls, path: Path, **overrides: Any) -> NodeConfig:
@@ -208,6 +212,24 @@ def stage_costs(ckpt: Checkpoint, config: NodeConfig) -> tuple[int, ...]:
     block = 2 * ckpt.config.num_kv_heads * ckpt.config.head_dim * dtype.itemsize
     return stage_memory_bytes(weight_bytes=weights,
                               cache_bytes_per_block=block * config.limits.max_cache_tokens)
+
+
+PACKED_WEIGHTS = ("auto", "on", "off")
+
+
+def should_pack(setting: str, *, span_bytes: int, weight_bytes: int, budget_bytes: int) -> bool:
+    """Whether a node holds a packed copy of its span's matrices (`Span.pack`).
+
+    The copy makes batched decode steps and prefill much faster (`sharding/_model.py`) and
+    costs the weights' memory once more, so `auto` takes it only when the memory budget holds
+    the span (`span_bytes`: weights plus the KV-cache reserve) and `weight_bytes` besides: the
+    budget first buys stages for the swarm, and only memory left over buys speed.
+    """
+    if setting == "on":
+        return True
+    if setting == "off":
+        return False
+    return span_bytes + weight_bytes <= budget_bytes
 
 
 def _measure_throughput(span: Span) -> float:
@@ -517,8 +539,13 @@ class _Server:
         """Load `live`'s span off the event loop, measure it, make it the served one."""
         config, live = self.config, self.live
         start, end = live.start, live.end
+        dtype = compute_dtype(self.ckpt.config.dtype, pick_device(config.device))
+        pack = should_pack(config.packed_weights, span_bytes=sum(self.costs[start:end]),
+                           weight_bytes=sum(self.ckpt.stage_nbytes(s, dtype)
+                                            for s in range(start, end)),
+                           budget_bytes=config.memory_budget_bytes)
         span = await trio.to_thread.run_sync(
-            lambda: Span.load(self.ckpt, start, end, device=config.device))
+            lambda: Span.load(self.ckpt, start, end, device=config.device, pack=pack))
         worker = SpanWorker(span, model_id=self.model_id, limits=config.limits,
                             decode_threads=max(1, config.threads),
                             prefill_threads=config.prefill_threads or default_prefill_threads(
@@ -527,8 +554,9 @@ class _Server:
         live.worker, live.state = worker, AnnouncementState.ONLINE
         live.rebalances += moved
         self.publish_status(state="online", span=[start, end], rebalances=live.rebalances)
-        logger.info("serving stages [%d, %d) of %s (%.0f tokens/s per stage)", start, end,
-                    self.model_id[:12], live.throughput)
+        logger.info("serving stages [%d, %d) of %s (%.0f tokens/s per stage%s)", start, end,
+                    self.model_id[:12], live.throughput,
+                    ", packed copy for batches" if span.packed else "")
 
     async def _handle(self, session: SessionStream) -> None:
         worker = self.live.worker

@@ -43,7 +43,7 @@ import trio
 
 from node._errors import GenerationError, HopFailedError, RefusedError
 from node._hop import HopEvent, Kept, RemoteHop
-from node._local import LocalStages
+from node._local import LocalStages, SharedHead
 from node._protocol import Refusal, StepOutput
 from node._routing import Hop, Route
 from node._tensors import hidden_to_wire, ids_to_wire
@@ -68,7 +68,7 @@ class Pipeline:
     """The hops of one generation and how a step crosses them."""
 
     def __init__(self, client: Client, *, max_length: int, prompt_tokens: int, info: RunInfo,
-                 embed: LocalStages | None, head: LocalStages | None,
+                 embed: LocalStages | None, head: SharedHead | None,
                  want_push: bool = True) -> None:
         self.want_push = want_push
         self.client = client

@@ -42,7 +42,7 @@ from enum import Enum
 import torch
 import trio
 
-from node._batching import BatchPolicy, Queued, Work, next_work
+from node._batching import BatchPolicy, Queued, Work, gather_wait, next_work
 from node._errors import RefusedError
 from node._protocol import OpenSession, Step, StepOutput
 from node._tensors import hidden_from_wire, hidden_to_wire, ids_from_wire
@@ -77,6 +77,7 @@ class WorkerSession:
     opened: float = field(default_factory=time.monotonic)
     steps: int = 0
     stepping: bool = False  # a step of this session is queued or running
+    decoding: bool = False  # its last step here was a decode step (see `gather_wait`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +169,9 @@ class SpanWorker:
         self._tickets = itertools.count()
         self._busy = False  # a caller is driving a forward (planning it or waiting on it)
         self._after_decode = False  # the last forward was a decode batch
+        self._went_idle = True  # the last forward left nothing queued
+        self._last_decode_s = 0.0  # how long the last decode batch took
+        self._arrived = trio.Event()  # set (and replaced) whenever a step is queued
         self._steps = 0
         self._tokens = 0
         self._compute_s = 0.0
@@ -303,6 +307,7 @@ class SpanWorker:
             if job.tokens > 1:
                 self._prefill_chunks += 1
         job.done_tokens += tokens
+        session.decoding = job.tokens == 1
         # With `last_only` a head's earlier chunks give nothing the client asked for; hidden
         # states (which ignore `last_only`) and full logits keep every chunk.
         if last or not (step.last_only and self.span.returns_logits):
@@ -339,8 +344,10 @@ class SpanWorker:
             return [self._forward_chunk(job, 1) for job in jobs]
         self._decode_batches += 1
         self._decode_steps += len(jobs)
+        self._last_decode_s = elapsed
         results: list[_Result] = []
         for b, job in enumerate(jobs):
+            job.session.decoding = True
             job.compute_s = elapsed
             results.append(self._answer(job, y[b : b + 1]))
         return results
@@ -368,6 +375,8 @@ class SpanWorker:
             # With one session open there is nothing to gather: skip the passes.
             for _ in range(2 if len(self.sessions) > 1 else 0):
                 await trio.lowlevel.checkpoint()
+            if self._went_idle:
+                await self._gather()
             work = next_work([job.queued() for job in self._queue],
                              after_decode=self._after_decode, policy=self.batching)
             if work is None:
@@ -411,12 +420,36 @@ class SpanWorker:
                 if job.state is _State.RUNNING:  # only if this code has a bug; never hang on it
                     job.finish(RuntimeError("the forward of this step was lost"))
             self._busy = False
+            self._went_idle = not self._queue
             self._kick()
+
+    def _missing(self) -> int:
+        """Sessions decoding here with no step queued (none runs while a driver plans)."""
+        queued = {id(job.session) for job in self._queue}
+        return sum(1 for s in self.sessions.values() if s.decoding and id(s) not in queued)
+
+    async def _gather(self) -> None:
+        """Wait a bounded moment for the decoding sessions whose steps are on their way."""
+        def wait() -> float:
+            decodes = sum(1 for job in self._queue if job.tokens == 1)
+            return gather_wait(queued_decodes=decodes, missing=self._missing(),
+                               prefills=len(self._queue) - decodes,
+                               last_decode_s=self._last_decode_s, policy=self.batching)
+
+        budget = wait()
+        if budget <= 0:
+            return
+        with trio.move_on_after(budget):
+            while wait() > 0:
+                arrived = self._arrived
+                await arrived.wait()
 
     async def _run(self, job: _Job) -> None:
         """Queue a job and wait for its result, driving forwards whenever none is driven."""
         job.session.stepping = True
         self._queue.append(job)  # tickets increase, so the queue stays ordered
+        self._arrived.set()
+        self._arrived = trio.Event()
         try:
             while job.state is not _State.DONE:
                 if self._busy:

@@ -13,7 +13,7 @@ import torch
 import trio
 import trio.testing
 
-from node._batching import BatchPolicy, Queued, Work, next_work
+from node._batching import BatchPolicy, Queued, Work, gather_wait, next_work
 from node._errors import RefusedError
 from node._protocol import OpenSession, Step, StepOutput
 from node._tensors import hidden_to_wire, ids_to_wire
@@ -182,6 +182,57 @@ async def test_the_batch_is_capped(tiny_model: Path) -> None:
     stats = w.statistics()
     assert (stats.decode_batches, stats.decode_steps) == (3, 7)  # 3 + 3 + 1
     assert all(s.cache.length == 5 for s in sessions)
+
+
+def test_gather_wait_is_for_missing_decoders_only_and_bounded() -> None:
+    p = BatchPolicy(max_batch=4, gather_fraction=0.5, max_gather_s=0.008)
+    kw: dict[str, Any] = {"queued_decodes": 1, "missing": 3, "prefills": 0, "policy": p}
+    assert gather_wait(last_decode_s=0.010, **kw) == pytest.approx(0.005)
+    assert gather_wait(last_decode_s=0.100, **kw) == 0.008  # capped
+    assert gather_wait(last_decode_s=0.0, **kw) == 0.0  # nothing measured yet
+    assert gather_wait(**{**kw, "missing": 0}, last_decode_s=0.01) == 0.0
+    assert gather_wait(**{**kw, "prefills": 1}, last_decode_s=0.01) == 0.0
+    assert gather_wait(**{**kw, "queued_decodes": 4}, last_decode_s=0.01) == 0.0  # full
+    with pytest.raises(ValueError):
+        BatchPolicy(gather_fraction=1.5)
+
+
+async def _decoding_pair(tiny_model: Path) -> tuple[SpanWorker, WorkerSession, WorkerSession]:
+    """A worker with two sessions that have each run a decode step in one batch."""
+    w = _worker(tiny_model, 0)
+    a, b = _open(w, 1), _open(w, 2)
+    for s in (a, b):
+        await w.step(s, _ids_step(0, 0, _ids(4, seed=3)))
+    async with trio.open_nursery() as nursery:
+        for s in (a, b):
+            nursery.start_soon(w.step, s, _ids_step(1, 4, torch.tensor([[9]])))
+    assert w.statistics().decode_batches == 1
+    return w, a, b
+
+
+async def test_an_idle_worker_waits_briefly_for_a_session_on_its_way(
+        tiny_model: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """The second step comes a moment after the first: they still share one forward."""
+    w, a, b = await _decoding_pair(tiny_model)
+
+    async def late() -> None:
+        await trio.sleep(0.0005)
+        await w.step(b, _ids_step(2, 5, torch.tensor([[4]])))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(w.step, a, _ids_step(2, 5, torch.tensor([[3]])))
+        nursery.start_soon(late)
+    stats = w.statistics()
+    assert (stats.decode_batches, stats.decode_steps) == (2, 4)
+
+
+async def test_the_wait_for_a_session_that_does_not_come_is_bounded(
+        tiny_model: Path, autojump_clock: trio.testing.MockClock) -> None:
+    w, a, _ = await _decoding_pair(tiny_model)
+    t0 = trio.current_time()
+    await w.step(a, _ids_step(2, 5, torch.tensor([[3]])))
+    assert 0 < trio.current_time() - t0 <= w.batching.max_gather_s
+    assert w.statistics().decode_batches == 2
 
 
 # -- prefill in chunks ---------------------------------------------------------------------

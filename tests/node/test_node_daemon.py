@@ -13,7 +13,7 @@ import trio
 
 from devnet import Devnet
 from node._client import Client, ClientConfig
-from node._daemon import NodeConfig
+from node._daemon import NodeConfig, should_pack
 from node._errors import NodeError
 from node._node_cli import add_node_parser, config_from_args
 
@@ -62,6 +62,20 @@ def test_bad_values_are_refused(tmp_path: Path) -> None:
     toml.write_text("link_delay_ms = 5\n")  # keys are field names; the unit is in the name
     with pytest.raises(NodeError, match="unknown keys link_delay_ms"):
         NodeConfig.from_toml(toml, data_dir=tmp_path)
+
+
+def test_a_packed_copy_is_held_only_with_memory_to_spare(tmp_path: Path) -> None:
+    kw = {"span_bytes": 300, "weight_bytes": 200}
+    assert should_pack("auto", budget_bytes=500, **kw)
+    assert not should_pack("auto", budget_bytes=499, **kw)  # the stages come first
+    assert should_pack("on", budget_bytes=0, **kw)
+    assert not should_pack("off", budget_bytes=10**12, **kw)
+    assert parse("run", "--data-dir", "/d").packed_weights == "auto"
+    assert parse("run", "--data-dir", "/d", "--packed-weights", "off").packed_weights == "off"
+    with pytest.raises(SystemExit):
+        parse("run", "--data-dir", "/d", "--packed-weights", "maybe")
+    with pytest.raises(ValueError, match="packed_weights"):
+        NodeConfig(data_dir=tmp_path, packed_weights="yes")
 
 
 def _processes_mentioning(text: str) -> list[int]:
