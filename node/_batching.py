@@ -15,8 +15,9 @@ wait in a queue, and when the device frees up the worker asks `next_work` what t
 
 The batching window is the time the previous forward took, so under load each forward takes
 everything that queued behind it ("continuous batching"). An idle worker adds one bounded wait
-(`gather_wait`): when a decode step arrives while other sessions that are decoding here have
-not sent theirs yet, it waits for them for at most a fraction of a decode forward. Without it,
+(`gather_wait`): when a decode step arrives while other sessions decoding here are due (their
+steps usually come back by now) but not queued, it waits for them for at most one decode
+forward. Without it,
 the steps a previous hop pushes out one after another after its batch arrive a few hundred
 microseconds apart, the first one runs alone, and the rest run in a second forward that costs
 as much as the first (a packed batch of 8 costs about what one step does): the sessions split
@@ -36,8 +37,8 @@ class BatchPolicy:
 
     max_batch: int = 16
     prefill_chunk: int = 128
-    gather_fraction: float = 0.5  # of the last decode forward's time, at most...
-    max_gather_s: float = 0.008  # ...and never longer than this
+    gather_fraction: float = 1.0  # of the last decode forward's time, at most...
+    max_gather_s: float = 0.020  # ...and never longer than this
 
     def __post_init__(self) -> None:
         if self.max_batch <= 0 or self.prefill_chunk <= 0:

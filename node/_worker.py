@@ -78,6 +78,13 @@ class WorkerSession:
     steps: int = 0
     stepping: bool = False  # a step of this session is queued or running
     decoding: bool = False  # its last step here was a decode step (see `gather_wait`)
+    last_done: float = 0.0  # trio time its last decode step here finished
+    away_s: float = 0.0  # how long its steps stay away between decodes here (moving average)
+
+    def expected(self, now: float) -> bool:
+        """Whether its next decode step is due here: it is decoding, and it has been away no
+        longer than twice its usual time away (a session left idle is not waited for)."""
+        return self.decoding and self.away_s > 0 and now - self.last_done <= 2 * self.away_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,7 +413,9 @@ class SpanWorker:
                     if job.done_tokens:
                         job.session.cache.rollback(job.step.position)
             self._after_decode = work.decode
+            done = trio.current_time()
             for job, result in zip(jobs, results, strict=True):
+                job.session.last_done = done
                 if result is not None:
                     job.finish(result)
                 elif self.sessions.get(job.session.session_id) is not job.session:
@@ -424,9 +433,12 @@ class SpanWorker:
             self._kick()
 
     def _missing(self) -> int:
-        """Sessions decoding here with no step queued (none runs while a driver plans)."""
+        """Sessions whose decode step is due here but not queued (none runs while a driver
+        plans)."""
         queued = {id(job.session) for job in self._queue}
-        return sum(1 for s in self.sessions.values() if s.decoding and id(s) not in queued)
+        now = trio.current_time()
+        return sum(1 for s in self.sessions.values()
+                   if id(s) not in queued and s.expected(now))
 
     async def _gather(self) -> None:
         """Wait a bounded moment for the decoding sessions whose steps are on their way."""
@@ -446,7 +458,11 @@ class SpanWorker:
 
     async def _run(self, job: _Job) -> None:
         """Queue a job and wait for its result, driving forwards whenever none is driven."""
-        job.session.stepping = True
+        session = job.session
+        session.stepping = True
+        if session.decoding and job.tokens == 1:
+            away = trio.current_time() - session.last_done
+            session.away_s = away if session.away_s <= 0 else 0.5 * (session.away_s + away)
         self._queue.append(job)  # tickets increase, so the queue stays ordered
         self._arrived.set()
         self._arrived = trio.Event()

@@ -198,15 +198,20 @@ def test_gather_wait_is_for_missing_decoders_only_and_bounded() -> None:
 
 
 async def _decoding_pair(tiny_model: Path) -> tuple[SpanWorker, WorkerSession, WorkerSession]:
-    """A worker with two sessions that have each run a decode step in one batch."""
+    """A worker with two sessions that have run two decode steps together, 1 ms apart (the
+    time their steps spend elsewhere in a pipeline)."""
     w = _worker(tiny_model, 0)
     a, b = _open(w, 1), _open(w, 2)
     for s in (a, b):
         await w.step(s, _ids_step(0, 0, _ids(4, seed=3)))
-    async with trio.open_nursery() as nursery:
-        for s in (a, b):
-            nursery.start_soon(w.step, s, _ids_step(1, 4, torch.tensor([[9]])))
-    assert w.statistics().decode_batches == 1
+    for position in (4, 5):
+        async with trio.open_nursery() as nursery:
+            for s in (a, b):
+                nursery.start_soon(w.step, s, _ids_step(position - 3, position,
+                                                        torch.tensor([[9]])))
+        await trio.sleep(0.001)
+    assert w.statistics().decode_batches == 2
+    assert a.expected(trio.current_time()) and b.expected(trio.current_time())
     return w, a, b
 
 
@@ -217,22 +222,32 @@ async def test_an_idle_worker_waits_briefly_for_a_session_on_its_way(
 
     async def late() -> None:
         await trio.sleep(0.0005)
-        await w.step(b, _ids_step(2, 5, torch.tensor([[4]])))
+        await w.step(b, _ids_step(3, 6, torch.tensor([[4]])))
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(w.step, a, _ids_step(2, 5, torch.tensor([[3]])))
+        nursery.start_soon(w.step, a, _ids_step(3, 6, torch.tensor([[3]])))
         nursery.start_soon(late)
     stats = w.statistics()
-    assert (stats.decode_batches, stats.decode_steps) == (2, 4)
+    assert (stats.decode_batches, stats.decode_steps) == (3, 6)
 
 
 async def test_the_wait_for_a_session_that_does_not_come_is_bounded(
         tiny_model: Path, autojump_clock: trio.testing.MockClock) -> None:
     w, a, _ = await _decoding_pair(tiny_model)
     t0 = trio.current_time()
-    await w.step(a, _ids_step(2, 5, torch.tensor([[3]])))
+    await w.step(a, _ids_step(3, 6, torch.tensor([[3]])))
     assert 0 < trio.current_time() - t0 <= w.batching.max_gather_s
-    assert w.statistics().decode_batches == 2
+    assert w.statistics().decode_batches == 3
+
+
+async def test_a_session_left_idle_is_not_waited_for(
+        tiny_model: Path, autojump_clock: trio.testing.MockClock) -> None:
+    w, a, b = await _decoding_pair(tiny_model)
+    await trio.sleep(1.0)  # b's client went quiet: far longer than its usual time away
+    assert not b.expected(trio.current_time())
+    t0 = trio.current_time()
+    await w.step(a, _ids_step(3, 6, torch.tensor([[3]])))
+    assert trio.current_time() == t0
 
 
 # -- prefill in chunks ---------------------------------------------------------------------
