@@ -71,15 +71,16 @@ def test_non_finite_activations_are_refused(codec: str, bad: float) -> None:
         encode(x, codec)
 
 
-@settings(max_examples=200, deadline=None)
-@given(codec=st.sampled_from(CODECS), shape=shapes, data=st.data())
+@settings(max_examples=300, deadline=None)
+@given(codec=st.sampled_from(CODECS), dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
+       shape=shapes, data=st.data())
 def test_decoding_random_payloads_never_yields_non_finite_values(
-    codec: str, shape: tuple[int, ...], data: st.DataObject
+    codec: str, dtype: str, shape: tuple[int, ...], data: st.DataObject
 ) -> None:
-    size = payload_size(codec, "float32", shape)
+    size = payload_size(codec, dtype, shape)
     payload = data.draw(st.binary(min_size=size, max_size=size))
     try:
-        y = decode(Encoded(codec, "float32", shape, payload))
+        y = decode(Encoded(codec, dtype, shape, payload))
     except CodecError:
         return
     assert bool(torch.isfinite(y).all())
@@ -94,6 +95,15 @@ def test_nan_payloads_are_rejected(codec: str) -> None:
                                                                       else nan16):]
     with pytest.raises(CodecError, match="non-finite"):
         decode(Encoded(codec, "float32", (64,), payload))
+
+
+def test_an_int8_block_payload_too_large_for_float16_is_refused() -> None:
+    """A valid scale (65504) times 127 overflows a float16 result: refused, not inf."""
+    payload = torch.tensor([65504.0], dtype=torch.float16).view(torch.uint8).numpy().tobytes()
+    payload += bytes([127]) * 64
+    with pytest.raises(CodecError, match="non-finite"):
+        decode(Encoded("int8-block", "float16", (64,), payload))
+    assert bool(torch.isfinite(decode(Encoded("int8-block", "float32", (64,), payload))).all())
 
 
 def test_payload_length_and_limits_are_checked_before_allocation() -> None:
