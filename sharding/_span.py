@@ -193,8 +193,10 @@ class Span(nn.Module):
                     f"stages [{a}, {b}) take token ids (B, T) as int64, "
                     f"got {x.dtype} {list(x.shape)}"
                 )
-            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= c.vocab_size):
-                raise SpanError(f"token ids must be in [0, {c.vocab_size})")
+            if x.numel():
+                low, high = torch.aminmax(x)  # one pass, not two
+                if int(low) < 0 or int(high) >= c.vocab_size:
+                    raise SpanError(f"token ids must be in [0, {c.vocab_size})")
             return x.to(device=self.device, dtype=torch.int64)
         if x.dim() != 3 or x.shape[-1] != c.hidden_size or not x.is_floating_point():
             raise SpanError(
@@ -250,18 +252,20 @@ class Span(nn.Module):
             if self.config.max_position_embeddings < T:
                 raise PositionError(f"{T} tokens exceed max_position_embeddings "
                                     f"{self.config.max_position_embeddings}")
-            positions = torch.arange(T, device=self.device)[None]  # (1, T)
         else:
             for cache in caches:
                 if cache.keys.shape[0] != len(blocks):
                     raise SpanError(f"cache holds {cache.keys.shape[0]} blocks, "
                                     f"stages [{a}, {b}) have {len(blocks)}")
                 cache.check_step(cache.length, T)
-            base = torch.tensor([c.length for c in caches], device=self.device)
-            positions = base[:, None] + torch.arange(T, device=self.device)  # (B, T)
         if a == 0 and self.embedding is not None:
             x = self.embedding(x)  # (B, T, C)
-        if blocks:
+        if blocks:  # positions only where rope needs them (not for an embedding or a head)
+            if caches is None:
+                positions = torch.arange(T, device=self.device)[None]  # (1, T)
+            else:
+                base = torch.tensor([c.length for c in caches], device=self.device)
+                positions = base[:, None] + torch.arange(T, device=self.device)  # (B, T)
             cos, sin = rope_tables(self.inv_freq, positions, x.dtype)  # (B, 1, T, D)
             for layer, index in enumerate(blocks):
                 x = self.blocks[index](x, cos, sin, layer, caches)
