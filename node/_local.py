@@ -79,7 +79,6 @@ class SharedHead:
                  max_batch: int = 64) -> None:
         self.span = span
         self.limiter = limiter or trio.CapacityLimiter(1)
-        self.max_batch = max_batch
         self.users = 0  # generations using the head now (with one, nothing can join a batch)
         self.forwards = 0
         self.policy = BatchPolicy(max_batch=max_batch)
@@ -135,7 +134,7 @@ class SharedHead:
                 while self._wait() > 0:
                     arrived = self._arrived
                     await arrived.wait()
-            batch = self._queue[: self.max_batch]
+            batch = self._queue[: self.policy.max_batch]
             del self._queue[: len(batch)]
             try:
                 out = await trio.to_thread.run_sync(self._run, [r.x for r in batch],
