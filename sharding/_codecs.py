@@ -63,18 +63,18 @@ def encode(x: torch.Tensor, codec: str) -> Encoded:
     if codec not in CODECS:
         raise CodecError(f"unknown codec {codec!r} (known: {', '.join(CODECS)})")
     x = x.detach().contiguous().cpu()
+    shape = tuple(x.shape)
+    if codec == "int8-block":  # its block maxima double as the finite check
+        scales, values = _quantize(x.reshape(-1).float().numpy())
+        return Encoded(codec, dtype, shape, scales.tobytes() + values.tobytes())
     if not _all_finite(x):
         raise CodecError("refusing to encode non-finite activations (NaN or inf)")
-    shape = tuple(x.shape)
     if codec == "raw":
         payload = _bytes(x)
-    elif codec == "fp16":
+    else:
         if x.numel() and float(x.abs().max()) > _FP16_MAX:
             raise CodecError("activations exceed the fp16 range")
         payload = _bytes(x.to(torch.float16))
-    else:
-        scales, values = _quantize(x.reshape(-1).float())
-        payload = _bytes(scales) + _bytes(values)
     return Encoded(codec, dtype, shape, payload)
 
 
@@ -95,14 +95,19 @@ def decode(enc: Encoded, *, max_elements: int = 1 << 26) -> torch.Tensor:
     if enc.codec == "int8-block":  # numpy, for the same reason as `_quantize`
         nb = -(-n // BLOCK)
         scales = np.frombuffer(enc.payload, dtype=np.float16, count=nb).astype(np.float32)
-        if not np.isfinite(scales).all() or (scales < 0).any():
+        # min >= 0 is False for NaN; max < inf rules out inf.
+        if nb and not (scales.min() >= 0 and scales.max() < np.inf):
             raise CodecError("int8-block payload has a negative or non-finite scale")
-        values = np.zeros(nb * BLOCK, dtype=np.float32)
-        values[:n] = np.frombuffer(enc.payload, dtype=np.int8, offset=2 * nb)
+        values = np.frombuffer(enc.payload, dtype=np.int8, offset=2 * nb)
+        if n % BLOCK:
+            padded = np.zeros(nb * BLOCK, dtype=np.int8)
+            padded[:n] = values
+            values = padded
+        # int8 times float32 is computed in float32: the same products as before the change.
+        flat = (values.reshape(nb, BLOCK) * scales[:, None]).reshape(-1)[:n]
+        x = torch.from_numpy(flat).to(out_dtype)
         # A finite scale (<= 65504) times an int8 is finite in float32 (and bfloat16); only
         # a float16 result can overflow, so only that one needs the check below.
-        x = torch.from_numpy((values.reshape(nb, BLOCK) * scales[:, None]).reshape(-1)[:n])
-        x = x.to(out_dtype)
         if out_dtype == torch.float16 and not _all_finite(x):
             raise CodecError("payload decodes to non-finite values (NaN or inf)")
         return x.reshape(enc.shape)
@@ -122,36 +127,44 @@ def _all_finite(x: torch.Tensor) -> bool:
 
 def error_bound(x: torch.Tensor) -> torch.Tensor:
     """Per-element bound on `int8-block`'s round-trip error for `x` (flattened): scale / 2."""
-    scales, _ = _quantize(x.detach().reshape(-1).float().cpu())
+    scales, _ = _quantize(x.detach().reshape(-1).float().cpu().numpy())
     n = x.numel()
-    return (scales.float()[:, None] / 2).expand(-1, BLOCK).reshape(-1)[:n]
+    return (torch.from_numpy(scales).float()[:, None] / 2).expand(-1, BLOCK).reshape(-1)[:n]
 
 
-def _quantize(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 scales (one per block) and int8 values for a flat fp32 tensor.
+def _quantize(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """fp16 scales (one per block) and int8 values for a flat float32 array.
 
     In numpy: a decode step's activations are a few KB, where torch's per-op dispatch cost
     (tens of microseconds each) would dominate; the float32 operations are the same IEEE ones,
-    so the bytes are the same either way.
+    so the bytes are the same either way. Raises `CodecError` on NaN/inf: a block's maximum
+    is non-finite exactly when the block holds a NaN or an inf.
     """
-    arr = flat.numpy()
-    n = arr.size
+    n = flat.size
     nb = -(-n // BLOCK)
-    padded = np.zeros(nb * BLOCK, dtype=np.float32)
-    padded[:n] = arr
-    blocks = padded.reshape(nb, BLOCK)
-    scale = np.abs(blocks).max(axis=1) / np.float32(127.0) if nb else np.zeros(0, np.float32)
-    if nb and float(scale.max()) > _FP16_MAX:
+    if n % BLOCK:
+        padded = np.zeros(nb * BLOCK, dtype=np.float32)
+        padded[:n] = flat
+        flat = padded
+    blocks = flat.reshape(nb, BLOCK)
+    if not nb:
+        return np.zeros(0, np.float16), np.zeros(0, np.int8)
+    scale = np.abs(blocks).max(axis=1) / np.float32(127.0)
+    top = scale.max()
+    if not np.isfinite(top):
+        raise CodecError("refusing to encode non-finite activations (NaN or inf)")
+    if top > _FP16_MAX:
         raise CodecError("activations too large for an fp16 block scale")
     s16 = scale.astype(np.float16)
     # Round the scale up to the next fp16 value where rounding went down, so |x / s| <= 127.
-    bits = s16.view(np.int16)
-    s16 = np.where(s16.astype(np.float32) < scale, bits + np.int16(1), bits).astype(
-        np.int16).view(np.float16)
+    low = s16.astype(np.float32) < scale
+    if low.any():
+        s16 = np.where(low, np.nextafter(s16, np.float16(np.inf)), s16)
     s = s16.astype(np.float32)
-    safe = np.where(s > 0, s, np.float32(1.0))
-    q = np.clip(np.round(blocks / safe[:, None]), -127, 127).astype(np.int8)
-    return torch.from_numpy(s16), torch.from_numpy(q.reshape(-1)[:n].copy())
+    s[s == 0] = 1.0  # an all-zero block: any scale gives zeros
+    q = np.round(blocks / s[:, None])
+    np.clip(q, -127, 127, out=q)
+    return s16, q.astype(np.int8).reshape(-1)[:n]
 
 
 def _bytes(x: torch.Tensor) -> bytes:

@@ -129,3 +129,10 @@ def test_extreme_magnitudes() -> None:
         encode(torch.full((3,), 1e6), "fp16")
     zeros = torch.zeros(130)
     assert torch.equal(decode(encode(zeros, "int8-block")), zeros)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_an_empty_tensor_round_trips(codec: str) -> None:
+    enc = encode(torch.zeros(1, 0, 8), codec)
+    assert enc.payload == b""
+    assert decode(enc).shape == (1, 0, 8)
