@@ -30,6 +30,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from node._snapshots import _is_int
@@ -150,9 +151,9 @@ class Sampler:
         Raises:
             InvalidLogitsError: Logits not 1-D floating point, empty, NaN or infinite.
         """
+        if self._params.greedy:  # what `token_probabilities` keeps, without building it
+            return int(_checked_logits(logits).numpy().argmax())  # the first maximum
         probs = token_probabilities(logits, self._params)
-        if self._params.greedy:
-            return int(torch.argmax(probs))
         cdf = torch.cumsum(probs.double(), dim=0)
         u = float(torch.rand((), generator=self._generator, dtype=torch.float64))
         target = torch.tensor([u * float(cdf[-1])], dtype=torch.float64)
@@ -214,8 +215,10 @@ def _checked_logits(logits: torch.Tensor) -> torch.Tensor:
     if not logits.is_floating_point():
         raise InvalidLogitsError(f"logits must be floating point, got {logits.dtype}")
     x = logits.detach().to(device="cpu", dtype=torch.float32)
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
+    # numpy's one pass, not torch's three operations: this runs once per token, cold, on
+    # the generation's critical path.
+    if not np.isfinite(x.numpy()).all():
+        bad = ~torch.isfinite(x)
         first = int(torch.nonzero(bad)[0])
         raise InvalidLogitsError(
             f"logits hold {int(bad.sum())} NaN or infinite values "
