@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sharding import _pages as pages
 from sharding._config import ModelConfig, RopeScaling
 from sharding._kvcache import KVCache
 
@@ -141,8 +142,13 @@ def _numpy_gemv(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def transposed(w: torch.Tensor) -> torch.Tensor:
-    """A checkpoint's (out, in) matrix as a contiguous (in, out) one."""
-    return w.t().contiguous()
+    """A checkpoint's (out, in) matrix as a contiguous (in, out) one; on the CPU, on huge
+    pages where the system has them (`sharding/_pages.py`: decode streams these matrices)."""
+    if w.device.type != "cpu" or w.requires_grad:
+        return w.t().contiguous()
+    out = pages.empty((w.shape[1], w.shape[0]), w.dtype)
+    out.copy_(w.t())
+    return out
 
 
 # The batch size oneDNN lays the packed weights out for: decode batches are 1-8 rows. Laid out
