@@ -15,9 +15,13 @@ They travel two ways (`Announcer`):
   changes and departures are seen within seconds. One topic rather than one per model because
   bootstrap peers, which serve no model and so would never join a per-model mesh, must relay
   it for peers that only know a bootstrap; views filter by model;
-- the **DHT**, under ``/shardnet/<model_id>/<peer_id>`` with a strict validator that checks
-  signature, key and expiry and keeps the highest sequence, plus a provider record for the
-  model, so a newcomer can read the current swarm at once instead of waiting for gossip.
+- the **DHT**, under ``/shardnet/<digest of model id and peer id>`` with a strict validator
+  that checks signature, key and expiry and keeps the highest sequence, plus a provider record
+  for the model, so a newcomer can read the current swarm at once instead of waiting for
+  gossip. Keys are digests because py-libp2p 0.8.1's servers ignore a FIND_NODE whose key is
+  longer than 50 bytes and is not a multihash, and its own puts, gets and provides look up the
+  closest peers with FIND_NODE on the record key: ``/shardnet/<model_id>/<peer_id>`` (127
+  bytes) failed every remote lookup, and stores fell back to the local routing table.
   A DHT store can take seconds (it waits on the closest peers), so while the announcer
   runs (`Announcer.running`, which `keep_publishing` enters) stores happen in a task of
   its own: `publish` gossips and hands the record over, latest wins. Outside it a
@@ -35,7 +39,9 @@ a restarted node's records still win.
 
 from __future__ import annotations
 
+import base64
 import enum
+import hashlib
 import logging
 import math
 import re
@@ -157,13 +163,19 @@ class SignedAnnouncement(Message):
             raise ValueError("announcement body too large or signature malformed")
 
 
+def _dht_key(kind: str, *parts: str) -> str:
+    """``/shardnet/`` and 32 base32 characters: 42 bytes, within py-libp2p's 50 for FIND_NODE."""
+    digest = hashlib.blake2b("/".join((kind, *parts)).encode(), digest_size=20).digest()
+    return f"/{DHT_NAMESPACE}/{base64.b32encode(digest).decode().lower()}"
+
+
 def announcement_key(model_id: str, peer: PeerId) -> str:
     """The DHT key a peer's announcement for a model lives under."""
-    return f"/{DHT_NAMESPACE}/{model_id}/{peer}"
+    return _dht_key("announcement", model_id, str(peer))
 
 
 def _provider_key(model_id: str) -> str:
-    return f"/{DHT_NAMESPACE}/{model_id}"
+    return _dht_key("providers", model_id)
 
 
 def verify_announcement(
@@ -204,20 +216,19 @@ def verify_announcement(
 
 
 class _DhtValidator:
-    """DHT validator for ``/shardnet/<model>/<peer>``: signed by that peer, for that model."""
+    """DHT validator for announcement keys: signed by the peer, for the model, the key names."""
 
     def __init__(self, clock: Clock = time.time) -> None:
         self._clock = clock
 
     def validate(self, key: str, value: bytes) -> None:
-        parts = key.split("/")
-        if len(parts) != 4 or parts[1] != DHT_NAMESPACE:
+        if not key.startswith(f"/{DHT_NAMESPACE}/"):
             raise ValueError(f"not an announcement key: {key[:80]!r}")
         try:
             body = verify_announcement(value, now=self._clock(), source="dht")
         except RemoteProtocolError as exc:
             raise ValueError(str(exc)) from exc
-        if body.model_id != parts[2] or str(body.peer_id) != parts[3]:
+        if key != announcement_key(body.model_id, body.peer_id):
             raise ValueError("announcement stored under another peer's or model's key")
 
     def select(self, key: str, values: list[bytes]) -> int:
