@@ -10,10 +10,12 @@ and head itself. Measured in this one run, fp32 on the CPU, best of `--repeats`:
 - time to first token for a `--prompt`-token prompt, and prefill tokens/s (prompt / TTFT),
 
 for the pipeline (push with the `int8-block` and `raw` codecs, and client-driven), the
-single-process engine, and `transformers` `generate`. Nodes decode with one torch thread each
-(`--node-threads`): a decode step streams weights, which one thread does at nearly the
-machine's memory bandwidth; they prefill with every core, their OpenMP workers sleeping soon after
-a forward ends (`GOMP_SPINCOUNT=1000`, set by `node`), so the next hop gets the cores.
+single-process engine, and `transformers` `generate`; each ratio to the engine both as the
+ratio of the bests and as the median of the per-round ratios (`paired`). Nodes decode with one
+torch thread each (`--node-threads`): a decode step streams weights, which one thread does at
+nearly the machine's memory bandwidth; they prefill with every core, their OpenMP workers
+sleeping soon after a forward ends (`GOMP_SPINCOUNT=1000`, set by `node`), so the next hop gets
+the cores.
 
 Then, on the 125M model (`--sections`):
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import statistics
 import tempfile
 import time
@@ -128,7 +131,9 @@ def best(stats: Sequence[GenerationStats]) -> tuple[float, float]:
 async def measure(name: str, folder: Path, args: argparse.Namespace) -> list[list[object]]:
     """One model's rows. Every path runs once per round, rounds interleaved while the devnet
     is up, best of `repeats` rounds each: on a shared machine a noisy minute then hits every
-    path alike instead of flattering one of them."""
+    path alike instead of flattering one of them. Beside the ratio of the bests, each row
+    gives the median over rounds of the ratio within a round (`paired`), which a single
+    lucky or unlucky run moves less."""
     import transformers
 
     ids = prompt_ids(folder, args.prompt)
@@ -166,15 +171,24 @@ async def measure(name: str, folder: Path, args: argparse.Namespace) -> list[lis
                     routes[key] = client.last.describe_route()
     e_ttft, e_dec = best(engine)
     t_ttft, t_dec = min(r[0] for r in hf_runs), max(r[1] for r in hf_runs)
-    measured = [("transformers", t_dec, t_ttft, "", ""), ("engine (1 process)", e_dec, e_ttft,
-                                                          "", "")]
+    per_round = [(s.first_token_s, s.decode_tokens_per_s) for s in engine]
+
+    def paired(rounds: Sequence[tuple[float, float]]) -> tuple[float, float]:
+        """Median over rounds of (decode ratio, TTFT ratio) against that round's engine run."""
+        return (statistics.median(d / e[1] for (_, d), e in zip(rounds, per_round, strict=True)),
+                statistics.median(t / e[0] for (t, _), e in zip(rounds, per_round, strict=True)))
+
+    measured = [("transformers", t_dec, t_ttft, paired(hf_runs), "", ""),
+                ("engine (1 process)", e_dec, e_ttft, (1.0, 1.0), "", "")]
     for codec, push in modes:
         p_ttft, p_dec = best(runs[(codec, push)])
         how = "push" if push == "on" else "client-driven"
-        measured.append((f"pipeline 3 nodes, {how}, {codec}", p_dec, p_ttft,
+        rounds = [(s.first_token_s, s.decode_tokens_per_s) for s in runs[(codec, push)]]
+        measured.append((f"pipeline 3 nodes, {how}, {codec}", p_dec, p_ttft, paired(rounds),
                          agreement(tokens[(codec, push)], reference), routes[(codec, push)]))
-    return [[name, path, dec, dec / e_dec, ttft * 1e3, ttft / e_ttft, args.prompt / ttft,
-             agree, route] for path, dec, ttft, agree, route in measured]
+    return [[name, path, dec, dec / e_dec, pair[0], ttft * 1e3, ttft / e_ttft, pair[1],
+             args.prompt / ttft, agree, route]
+            for path, dec, ttft, pair, agree, route in measured]
 
 
 def node_args(args: argparse.Namespace, *extra: str) -> list[str]:
@@ -321,8 +335,11 @@ async def main_async(args: argparse.Namespace) -> None:
           f"{args.threads} threads in the client / single process, {args.node_threads} per "
           f"node, best of {args.repeats}", flush=True)
     if rows:
-        print(table(["model", "path", "decode tok/s", "vs engine", "TTFT ms", "vs engine",
-                     "prefill tok/s", "greedy = engine", "route"], rows), flush=True)
+        print(table(["model", "path", "decode tok/s", "vs engine", "paired", "TTFT ms",
+                     "vs engine", "paired", "prefill tok/s", "greedy = engine", "route"], rows),
+              flush=True)
+        print("paired: the median over rounds of the ratio to the engine run of the same round",
+              flush=True)
     if "wan" in args.sections:
         print(f"\nper-token latency, 3 hops, one-way delay per leg, {args.wan_tokens} new "
               f"tokens, best of {args.wan_repeats} (llama-125m)", flush=True)
@@ -360,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
                    default=[1, 4, 8])
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "shardnet-bench")
     args = p.parse_args(argv)
+    # The clients' hosts log py-libp2p's shutdown races (a dial finishing after the host
+    # stopped) as warnings with tracebacks, as the CLI would without the same setting.
+    for noisy in ("libp2p", "multiaddr", "async_service"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     trio.run(main_async, args)
     return 0
 
