@@ -50,7 +50,7 @@ from node._sampling import Sampler, SamplingParams
 from node._snapshots import PeerSnapshot
 from node._textgen import eos_id
 from p2p import Host, HostConfig, Identity, open_host
-from sharding import EMBEDDED_MODEL, Checkpoint, ModelConfig, Span, Tokenizer
+from sharding import EMBEDDED_MODEL, Checkpoint, ModelConfig, Span, Tokenizer, available_cores
 
 
 class SwarmSource(Protocol):
@@ -181,7 +181,8 @@ class Client:
                 n = self.model_config.num_stages
                 self._embed = await trio.to_thread.run_sync(Span.load, self._checkpoint, 0, 1)
                 head = await trio.to_thread.run_sync(Span.load, self._checkpoint, n - 1, n)
-                self._head = SharedHead(head, limiter=self.limiter)
+                self._head = SharedHead(head, limiter=self.limiter,
+                                        threads=self.config.threads or available_cores())
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             self._stack = stack.pop_all()
         return self

@@ -9,7 +9,7 @@ import torch
 import trio
 
 from node._batching import BatchPolicy, gather_wait
-from sharding import KVCache, Span
+from sharding import KVCache, Span, use_threads
 
 
 class LocalStages:
@@ -22,9 +22,11 @@ class LocalStages:
     """
 
     def __init__(self, span: Span, *, max_length: int, stages: tuple[int, int] | None = None,
-                 limiter: trio.CapacityLimiter | None = None, inline: bool = False) -> None:
+                 limiter: trio.CapacityLimiter | None = None, inline: bool = False,
+                 threads: int | None = None) -> None:
         self.span = span
         self.inline = inline
+        self.threads = threads  # cores for a forward (`sharding.use_threads`); None: as set
         self.start, self.end = span.stages(stages)
         self.cache: KVCache = span.new_cache(max_length, stages=(self.start, self.end))
         self.limiter = limiter or trio.CapacityLimiter(1)
@@ -32,6 +34,8 @@ class LocalStages:
     def _run(self, position: int, x: torch.Tensor, last_only: bool) -> torch.Tensor:
         if position < self.cache.length:
             self.cache.rollback(position)
+        if self.threads is not None and not self.inline:
+            use_threads(self.threads, rows=x.shape[0] * x.shape[1])
         with torch.inference_mode():
             out: torch.Tensor = self.span(x, self.cache, last_only=last_only,
                                           stages=(self.start, self.end))
@@ -76,8 +80,9 @@ class SharedHead:
     """
 
     def __init__(self, span: Span, *, limiter: trio.CapacityLimiter | None = None,
-                 max_batch: int = 64) -> None:
+                 max_batch: int = 64, threads: int | None = None) -> None:
         self.span = span
+        self.threads = threads  # cores for a forward (`sharding.use_threads`); None: as set
         self.limiter = limiter or trio.CapacityLimiter(1)
         self.users = 0  # generations using the head now (with one, nothing can join a batch)
         self.forwards = 0
@@ -114,6 +119,8 @@ class SharedHead:
 
     def _run(self, xs: list[torch.Tensor]) -> torch.Tensor:
         started = time.perf_counter()
+        if self.threads is not None:
+            use_threads(self.threads, rows=len(xs))
         with torch.inference_mode():
             out: torch.Tensor = self.span(torch.cat(xs))  # (B, 1, V)
         self._last_s = time.perf_counter() - started

@@ -36,7 +36,8 @@ class LocalModel:
     """A whole checkpoint loaded in this process, ready to generate."""
 
     def __init__(self, folder: str | os.PathLike[str], *, device: str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, threads: int | None = None) -> None:
+        self.threads = threads  # cores for a forward (`sharding.use_threads`); None: as set
         self.folder = Path(folder)
         self.checkpoint = Checkpoint.open(self.folder)
         self.span = Span.load(self.checkpoint, 0, self.checkpoint.config.num_stages,
@@ -48,7 +49,7 @@ class LocalModel:
                        stats: GenerationStats | None = None) -> AsyncGenerator[str, None]:
         """Stream text for `prompt` (sampling as the network client does)."""
         max_length = len(self.tokenizer.encode(prompt)) + params.max_new_tokens
-        stages = LocalStages(self.span, max_length=max_length)
+        stages = LocalStages(self.span, max_length=max_length, threads=self.threads)
         pieces = generate_text(stages.forward, self.tokenizer, prompt, params,
                                eos_id=self.eos_id, stats=stats)
         async with aclosing(pieces):

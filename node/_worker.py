@@ -46,7 +46,7 @@ from node._batching import BatchPolicy, Queued, Work, gather_wait, next_work
 from node._errors import RefusedError
 from node._protocol import OpenSession, Step, StepOutput
 from node._tensors import hidden_from_wire, hidden_to_wire, ids_from_wire
-from sharding import CODECS, KVCache, ShardingError, Span
+from sharding import CODECS, KVCache, ShardingError, Span, use_threads
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,9 +271,10 @@ class SpanWorker:
             raise RefusedError("position", f"step would reach {step.position + tokens}, past "
                                            f"max_length {session.max_length}")
 
-    def _set_threads(self, threads: int | None) -> None:
-        if threads is not None and threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
+    @staticmethod
+    def _use_threads(threads: int | None, rows: int) -> None:
+        if threads is not None:
+            use_threads(threads, rows=rows)
 
     def _answer(self, job: _Job, y: torch.Tensor) -> StepOutput | Exception:
         """Encode a finished step's output; a refused encoding undoes the step."""
@@ -294,7 +295,7 @@ class SpanWorker:
         """Runs in the worker thread: the next `tokens` of one step, alone."""
         started = time.perf_counter()
         session, step = job.session, job.step
-        self._set_threads(self.prefill_threads if job.tokens > 1 else self.decode_threads)
+        self._use_threads(self.prefill_threads if job.tokens > 1 else self.decode_threads, tokens)
         if job.done_tokens == 0 and step.rollback:
             session.cache.rollback(step.position)
         a = job.done_tokens
@@ -328,7 +329,7 @@ class SpanWorker:
     def _forward_decodes(self, jobs: list[_Job]) -> list[_Result]:
         """Runs in the worker thread: one decode step of each job's session, in one forward."""
         started = time.perf_counter()
-        self._set_threads(self.decode_threads)
+        self._use_threads(self.decode_threads, len(jobs))
         for job in jobs:
             if job.step.rollback:
                 job.session.cache.rollback(job.step.position)

@@ -61,7 +61,7 @@ def _generate(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     params = _params(args)
     if args.local:
-        model = LocalModel(args.model, device=args.device)
+        model = LocalModel(args.model, device=args.device, threads=args.threads)
         stats = GenerationStats()
 
         async def run_local() -> None:

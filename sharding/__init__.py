@@ -1,5 +1,10 @@
 """sharding: a Llama-family engine that runs any contiguous span of a checkpoint's stages."""
 
+import os
+
+# Before numpy loads OpenBLAS: idle workers sleep after ~2^18 cycles instead of 2^28
+# (`sharding/_threads.py`). An explicit setting wins.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "18")
 
 from sharding._checkpoint import Checkpoint, TensorInfo
 from sharding._codecs import BLOCK, CODECS, Encoded, decode, encode, error_bound, payload_size
@@ -16,25 +21,15 @@ from sharding._export import hf_config, save_checkpoint
 from sharding._families import FAMILIES, Family
 from sharding._kvcache import KVCache
 from sharding._span import Span, compute_dtype, pick_device, torch_dtype
+from sharding._threads import available_cores, set_blas_threads, use_threads
 from sharding._tokenizer import Tokenizer
 from sharding.embedded import EMBEDDED_MODEL
 
-
-def _one_openblas_thread() -> None:
-    """numpy's OpenBLAS runs the engine's one-row products (`sharding/_model.py`) on one thread.
-
-    Its default pool (one thread per core) spins waiting for work after every call, on the
-    cores torch's own threads and the other processes of a pipeline need: with torch on 2
-    threads beside it, a decode step of the 125M model took 108 ms instead of 20. Batches and
-    prefill get their parallelism from torch's threads instead. This changes numpy's BLAS for
-    the whole process (numpy has no per-call setting).
-    """
-    from threadpoolctl import ThreadpoolController
-
-    ThreadpoolController().select(internal_api="openblas").limit(limits=1)
-
-
-_one_openblas_thread()
+# numpy's OpenBLAS starts with one thread: its default pool (one thread per core) spins waiting
+# for work after every call, on the cores torch's own threads and the other processes of a
+# pipeline need (with torch on 2 threads beside it, a decode step of the 125M model took 108 ms
+# instead of 20). A forward that wants more asks for them (`sharding/_threads.py`).
+set_blas_threads(1)
 
 __all__ = [
     "BLOCK",
@@ -56,6 +51,7 @@ __all__ = [
     "SpanError",
     "TensorInfo",
     "Tokenizer",
+    "available_cores",
     "compute_dtype",
     "decode",
     "encode",
@@ -65,4 +61,5 @@ __all__ = [
     "payload_size",
     "save_checkpoint",
     "torch_dtype",
+    "use_threads",
 ]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from devnet.bench._common import best_of, random_hf_checkpoint, table
-from sharding import EMBEDDED_MODEL, Checkpoint, Span, decode, encode
+from sharding import EMBEDDED_MODEL, Checkpoint, Span, decode, encode, use_threads
 
 
 def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
@@ -54,9 +54,11 @@ def decode_weight_bytes(span: Span) -> int:
 
 
 @torch.inference_mode()
-def ours_generate(span: Span, ids: torch.Tensor, new_tokens: int) -> list[int]:
+def ours_generate(span: Span, ids: torch.Tensor, new_tokens: int, threads: int) -> list[int]:
     cache = span.new_cache(ids.shape[1] + new_tokens)
+    use_threads(threads, rows=ids.shape[1])
     logits = span(ids, cache, last_only=True)
+    use_threads(threads, rows=1)
     out = []
     for _ in range(new_tokens):
         nxt = logits[:, -1].argmax(-1, keepdim=True)
@@ -68,7 +70,7 @@ def ours_generate(span: Span, ids: torch.Tensor, new_tokens: int) -> list[int]:
 
 
 def engine_vs_transformers(folder: Path, prompt_len: int, new_tokens: int,
-                           repeats: int) -> list[list[object]]:
+                           repeats: int, threads: int) -> list[list[object]]:
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -80,19 +82,22 @@ def engine_vs_transformers(folder: Path, prompt_len: int, new_tokens: int,
                              generator=torch.Generator().manual_seed(1))
 
     def hf_gen(n: int) -> list[int]:
+        torch.set_num_threads(threads)  # our decode leaves torch on one (`use_threads`)
         with torch.inference_mode():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                               min_new_tokens=n, do_sample=False, pad_token_id=0)
         return [int(t) for t in out[0, prompt_len:]]
 
-    agree = hf_gen(new_tokens) == ours_generate(span, ids, new_tokens)
+    agree = hf_gen(new_tokens) == ours_generate(span, ids, new_tokens, threads)
     rows: list[list[object]] = []
 
     def hf_prefill() -> None:
+        torch.set_num_threads(threads)
         with torch.inference_mode():
             hf(long_ids, use_cache=True, logits_to_keep=1)
 
     def our_prefill() -> None:
+        use_threads(threads, rows=long_ids.shape[1])
         with torch.inference_mode():
             span(long_ids, span.new_cache(512), last_only=True)
 
@@ -101,8 +106,8 @@ def engine_vs_transformers(folder: Path, prompt_len: int, new_tokens: int,
     timings: dict[str, list[float]] = {k: [] for k in ("our", "hf", "our_pf", "hf_pf")}
     for _ in range(repeats):
         timings["our"].append((new_tokens - 1) / (
-            best_of(lambda: ours_generate(span, ids, new_tokens), 1)
-            - best_of(lambda: ours_generate(span, ids, 1), 1)))
+            best_of(lambda: ours_generate(span, ids, new_tokens, threads), 1)
+            - best_of(lambda: ours_generate(span, ids, 1, threads), 1)))
         timings["hf"].append((new_tokens - 1) / (
             best_of(lambda: hf_gen(new_tokens), 1) - best_of(lambda: hf_gen(1), 1)))
         timings["our_pf"].append(512 / best_of(our_prefill, 1))
@@ -167,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"engine vs transformers: random Llama 125M, fp32, CPU, {args.threads} threads, "
           f"prompt {args.prompt}, {args.new_tokens} new tokens, best of {args.repeats}")
     print(table(["", "shardnet", "transformers", "ratio"],
-                engine_vs_transformers(folder, args.prompt, args.new_tokens, args.repeats)))
+                engine_vs_transformers(folder, args.prompt, args.new_tokens, args.repeats,
+                                       args.threads)))
     print()
     print("activation codecs at two stage boundaries, embedded model, teacher forcing, "
           "256 held-out positions")

@@ -52,7 +52,7 @@ from node._client import Client, ClientConfig
 from node._generate import GenerationStats, generate_ids
 from node._local import LocalStages
 from node._sampling import Sampler, SamplingParams
-from sharding import EMBEDDED_MODEL, Checkpoint, Span
+from sharding import EMBEDDED_MODEL, Checkpoint, Span, use_threads
 
 
 def even_spans(num_stages: int, parts: int = 3) -> list[str]:
@@ -78,8 +78,8 @@ def prompt_ids(folder: Path, n: int) -> list[int]:
 
 
 async def engine_run(span: Span, ids: list[int], new_tokens: int,
-                     out: list[int] | None = None) -> GenerationStats:
-    stages = LocalStages(span, max_length=len(ids) + new_tokens)
+                     out: list[int] | None = None, *, threads: int) -> GenerationStats:
+    stages = LocalStages(span, max_length=len(ids) + new_tokens, threads=threads)
     stats = GenerationStats()
     sampler = Sampler(SamplingParams(temperature=0, max_new_tokens=new_tokens))
     async for token in generate_ids(stages.forward, ids, sampler, eos_id=None, stats=stats):
@@ -142,7 +142,7 @@ async def measure(name: str, folder: Path, args: argparse.Namespace) -> list[lis
     span = Span.load(ckpt, 0, ckpt.config.num_stages, dtype=torch.float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     reference: list[int] = []
-    await engine_run(span, ids, n, reference)  # warm-up, and the reference tokens
+    await engine_run(span, ids, n, reference, threads=args.threads)  # warm-up, reference
     modes = (("int8-block", "on"), ("raw", "on"), ("int8-block", "off"))
     engine: list[GenerationStats] = []
     hf_runs: list[tuple[float, float]] = []
@@ -161,7 +161,8 @@ async def measure(name: str, folder: Path, args: argparse.Namespace) -> list[lis
                 clients[(codec, push)] = client
             order = list(clients.items())
             for r in range(args.repeats):
-                engine.append(await engine_run(span, ids, n))
+                engine.append(await engine_run(span, ids, n, threads=args.threads))
+                torch.set_num_threads(args.threads)  # the engine's decode left torch on one
                 hf_runs.append(transformers_run(hf, ids, n))
                 # Rotated each round: the slot right after the single-process runs was slower
                 # (a cold node after seconds of idling), whichever mode sat in it.
@@ -225,7 +226,7 @@ async def clients(folder: Path, args: argparse.Namespace) -> list[list[object]]:
     ckpt = Checkpoint.open(folder)
     n = args.new_tokens
     span = Span.load(ckpt, 0, ckpt.config.num_stages, dtype=torch.float32)
-    single = await engine_batch(span, 1, n)
+    single = await engine_batch(span, 1, n, args.threads)
     spans = even_spans(ckpt.config.num_stages)
     rows: list[list[object]] = []
     with tempfile.TemporaryDirectory(prefix="shardnet-bench-") as root:
@@ -239,7 +240,7 @@ async def clients(folder: Path, args: argparse.Namespace) -> list[list[object]]:
                 for count in args.clients:
                     rate = await concurrent_rate(client, folder, count, n)
                     one = one or rate
-                    ceiling = await engine_batch(span, count, n) / single
+                    ceiling = await engine_batch(span, count, n, args.threads) / single
                     rows.append([count, rate, rate / one, ceiling])
     return rows
 
@@ -268,9 +269,10 @@ async def concurrent_rate(client: Client, folder: Path, count: int, n: int) -> f
     return tokens / max(end - start, 1e-9)
 
 
-async def engine_batch(span: Span, count: int, n: int) -> float:
+async def engine_batch(span: Span, count: int, n: int, threads: int) -> float:
     """Single-process decode tokens/s of `count` sequences batched in one forward."""
     def run() -> float:
+        use_threads(threads, rows=count)
         caches = [span.new_cache(16 + n) for _ in range(count)]
         x = torch.randint(0, 256, (count, 16))
         with torch.inference_mode():
