@@ -1,11 +1,5 @@
 """sharding: a Llama-family engine that runs any contiguous span of a checkpoint's stages."""
 
-import os
-
-# Before numpy loads OpenBLAS: idle workers sleep after ~2^18 cycles instead of 2^28
-# (`sharding/_threads.py`). An explicit setting wins.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "18")
-
 from sharding._checkpoint import Checkpoint, TensorInfo
 from sharding._codecs import BLOCK, CODECS, Encoded, decode, encode, error_bound, payload_size
 from sharding._config import ModelConfig, RopeScaling
@@ -25,10 +19,10 @@ from sharding._threads import available_cores, set_blas_threads, use_threads
 from sharding._tokenizer import Tokenizer
 from sharding.embedded import EMBEDDED_MODEL
 
-# numpy's OpenBLAS starts with one thread: its default pool (one thread per core) spins waiting
-# for work after every call, on the cores torch's own threads and the other processes of a
-# pipeline need (with torch on 2 threads beside it, a decode step of the 125M model took 108 ms
-# instead of 20). A forward that wants more asks for them (`sharding/_threads.py`).
+# numpy's OpenBLAS runs the one-row products on one thread: its default pool (one thread per
+# core) spins waiting for work after every call, on the cores torch's own threads and the other
+# processes of a pipeline need (with torch on 2 threads beside it, a decode step of the 125M
+# model took 108 ms instead of 20). Batches and prefill get their threads from torch.
 set_blas_threads(1)
 
 __all__ = [

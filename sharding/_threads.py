@@ -1,24 +1,17 @@
-"""How a forward spends the cores it is given: torch's threads or OpenBLAS's, by its rows.
+"""How a forward spends the threads it is given: by its rows.
 
 A forward over one row (a decode step of one sequence) is a string of matrix-vector products,
-which numpy's OpenBLAS runs (`sharding/_model.py`) and which are bound by memory bandwidth: a
-second core adds its bandwidth (a 100 MB product took 3.7-4.4 ms on two OpenBLAS threads, 4.8-5.9
-on one). The small torch operations between them do not gain from OpenMP threads that must be
-woken for each of them. A forward over several rows (a batch, a prefill) is a set of matrix
-products in oneDNN or torch, which want torch's threads and no BLAS. So, with `threads` cores:
+which numpy's OpenBLAS runs on one thread (`sharding/_model.py`), with small torch operations
+between them that do not gain from OpenMP threads: with `GOMP_SPINCOUNT=1000` (`node` sets it)
+those threads sleep between operations and each one wakes them again. A forward over several
+rows (a batch, a prefill) is a set of matrix products in oneDNN or torch, which want torch's
+threads. So `use_threads(n, rows=...)` gives torch one thread for one row and `n` otherwise.
 
-- one row: torch 1 thread, OpenBLAS `threads`;
-- several rows: torch `threads`, OpenBLAS 1.
-
-Measured on the 2-core dev machine, the whole 125M engine decoding one sequence: 25.8 ms per
-token this way against 31.3 with torch on 2 threads and OpenBLAS on 1 (medians of 6 rounds).
-Results do not change: OpenBLAS splits a product's outputs among its threads, so each output
-is summed the same way on any number of them.
-
-OpenBLAS's idle workers spin for a while after each call before they sleep (2^28 cycles by
-default, a tenth of a second, on cores a pipeline's next hop may need); the package sets
-`OPENBLAS_THREAD_TIMEOUT` (read once, when numpy loads OpenBLAS) to 2^18 cycles unless the
-environment says otherwise.
+numpy's OpenBLAS stays on one thread (`set_blas_threads(1)` when the package is imported). Its
+products would gain from a second core's bandwidth (a 100 MB product: 3.7-4.4 ms on two
+threads, 4.8-5.9 on one), but OpenBLAS 0.3.31 ignores `openblas_set_num_threads` from any
+thread but the main one, and every forward here runs in a worker thread; see
+`devnet/bench/NOTES.md`.
 """
 
 from __future__ import annotations
@@ -29,7 +22,6 @@ from typing import Any
 import torch
 
 _blas: Any = None  # threadpoolctl's controller of numpy's OpenBLAS, once looked up
-_blas_threads = 0  # what it was last set to (0: never)
 
 
 def _openblas() -> Any:
@@ -43,14 +35,11 @@ def _openblas() -> Any:
 
 
 def set_blas_threads(threads: int) -> None:
-    """OpenBLAS's threads for numpy's products (process-wide; set only when it changes)."""
-    global _blas_threads
-    if threads == _blas_threads:
-        return
+    """OpenBLAS's threads for numpy's products, process-wide. Call it from the main thread:
+    OpenBLAS ignores the call from any other."""
     blas = _openblas()
     if blas:
         blas.set_num_threads(threads)
-    _blas_threads = threads
 
 
 def available_cores() -> int:
@@ -60,9 +49,7 @@ def available_cores() -> int:
 
 
 def use_threads(threads: int, *, rows: int) -> None:
-    """Spend `threads` cores on the next forward, one over `rows` rows (see the module doc)."""
-    threads = max(1, threads)
-    torch_threads, blas_threads = (1, threads) if rows == 1 else (threads, 1)
-    if torch.get_num_threads() != torch_threads:
-        torch.set_num_threads(torch_threads)
-    set_blas_threads(blas_threads)
+    """torch's threads for the next forward in this thread: 1 for one row, else `threads`."""
+    wanted = 1 if rows == 1 else max(1, threads)
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
