@@ -9,6 +9,11 @@ import os
 # lost a third of its speedup to wake-ups between operations. An explicit setting wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
+# And before torch loads numpy, OpenBLAS's idle timeout (`sharding/_openblas.py`).
+import sharding._openblas  # noqa: E402, F401
+
+# isort: split
+
 from node._client import Client, ClientConfig, RunInfo, generate_blocking
 from node._daemon import NodeConfig, RunningNode, run_node
 from node._errors import GenerationError, HopFailedError, NodeError, RefusedError

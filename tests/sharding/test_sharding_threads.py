@@ -1,8 +1,12 @@
-"""`use_threads`: one torch thread for a one-row forward, all of them otherwise; and numpy's
-OpenBLAS gives the same products on any number of threads."""
+"""`use_threads`: one torch thread for a one-row forward, all of them otherwise; numpy's
+OpenBLAS gives the same products on any number of threads, and gets every core only when its
+idle workers sleep soon (`sharding/_openblas.py`)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +15,8 @@ import pytest
 import torch
 
 from sharding import Checkpoint, Span, use_threads
-from sharding._threads import set_blas_threads
+from sharding._openblas import TIMEOUT, VARIABLE, prepare, quiet
+from sharding._threads import package_blas_threads, set_blas_threads
 
 Factory = Callable[..., tuple[Any, Path]]
 
@@ -20,7 +25,7 @@ Factory = Callable[..., tuple[Any, Path]]
 def _restore() -> Iterator[None]:
     before = torch.get_num_threads()
     yield
-    set_blas_threads(1)  # the package's setting
+    set_blas_threads(package_blas_threads())  # the package's setting
     torch.set_num_threads(before)
 
 
@@ -49,3 +54,31 @@ def test_a_decode_step_is_the_same_on_one_or_two_blas_threads(hf_checkpoint: Fac
             set_blas_threads(threads)
             outs.append(span(ids[:, :1], cache))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_the_short_idle_timeout_is_set_only_where_openblas_will_read_it() -> None:
+    env: dict[str, str] = {}
+    assert prepare(env, loaded=False) and env == {VARIABLE: str(TIMEOUT)}
+    env = {VARIABLE: "28"}  # the user's own choice stays, and a 0.1 s spin is not quiet
+    assert not prepare(env, loaded=False) and env == {VARIABLE: "28"}
+    env = {}
+    assert not prepare(env, loaded=True) and env == {}  # too late: OpenBLAS has read it
+    assert prepare({VARIABLE: "16"}, loaded=True)  # set before numpy loaded, by the user
+    assert not quiet("soon") and not quiet("0") and not quiet(None)
+
+
+@pytest.mark.parametrize(("first", "expect_pool"), [("", True), ("import numpy; ", False)])
+def test_importing_node_gives_openblas_every_core_only_with_the_short_timeout(
+        first: str, expect_pool: bool) -> None:
+    code = (f"{first}import os, node\n"
+            "from sharding._threads import _openblas, available_cores\n"
+            "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'), _openblas().num_threads,"
+            " available_cores())")
+    env = {k: v for k, v in os.environ.items() if k != VARIABLE}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split()
+    timeout, threads, cores = out[0], int(out[1]), int(out[2])
+    if expect_pool:
+        assert timeout == str(TIMEOUT) and threads == cores
+    else:
+        assert timeout == "None" and threads == 1
