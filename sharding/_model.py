@@ -12,7 +12,9 @@ Which kernel runs a product depends on its rows, because on CPUs no one kernel i
 (measured on this project's 2-core AMD EPYC machine, 4 blocks of the 125M model):
 
 * one row (a decode step of one session): numpy's OpenBLAS `gemv` over the (in, out) matrix,
-  15-30% faster than torch's MKL path, which is 10-25% faster than oneDNN's;
+  15-30% faster than torch's MKL path, which is 10-25% faster than oneDNN's; with a cache, on
+  the CPU in float32, the whole step skips these modules and runs in numpy (`sharding/_row.py`,
+  the small operations between the products cost less there), against the same weights;
 * several rows (a batch of sessions, a prefill): oneDNN with the matrix `pack()`ed into its
   blocked layout (`torch.ops.mkldnn`, what torch's compiler uses for frozen linears), when the
   span holds that second copy. MKL's small-M kernels are poor on these cores (2 rows cost 1.8x

@@ -19,6 +19,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from sharding import _row as row
 from sharding._checkpoint import Checkpoint
 from sharding._config import ModelConfig
 from sharding._errors import PositionError, SpanError
@@ -267,8 +268,12 @@ class Span(nn.Module):
                 base = torch.tensor([c.length for c in caches], device=self.device)
                 positions = base[:, None] + torch.arange(T, device=self.device)  # (B, T)
             cos, sin = rope_tables(self.inv_freq, positions, x.dtype)  # (B, 1, T, D)
-            for layer, index in enumerate(blocks):
-                x = self.blocks[index](x, cos, sin, layer, caches)
+            mine = [cast(Block, self.blocks[index]) for index in blocks]
+            if caches is not None and row.applies(x, caches, mine[0]):
+                x = row.run_blocks(mine, x, cos, sin, caches[0])  # one decode row, in numpy
+            else:
+                for layer, block in enumerate(mine):
+                    x = block(x, cos, sin, layer, caches)
         if b == self.config.num_stages and self.head is not None:
             x = self.head(x[:, -1:] if last_only else x)  # (B, T, V)
         if caches is not None:
