@@ -74,6 +74,7 @@ from p2p._peer_id import InvalidPeerIdError, PeerId
 from p2p._pubsub import PubSub, SafePubsub, make_gossipsub
 from p2p._rpc import ReqT, RespT, RpcHandler, RpcSpec, rpc_request, serve_rpc_stream
 from p2p._security import PskMismatchError, check_psk, libp2p_key_pair, security_options
+from p2p._select import Answer, proposal
 from p2p._session import SessionConfig, SessionStream, session_context
 from p2p._shaper import LinkShaper
 from p2p._streams import Libp2pByteStream
@@ -246,6 +247,24 @@ class Host:
             raise DialError(f"cannot open {protocol} to {peer}: {exc!r}") from exc
         return Libp2pByteStream(stream)
 
+    async def open_stream_lazily(self, peer: PeerId, protocol: str) -> Libp2pByteStream:
+        """Like :meth:`open_stream`, without waiting for the protocol's negotiation: the
+        proposal goes out at once and the stream's first read checks the answer
+        (`p2p/_select.py`). Saves two round trips; a peer that does not speak ``protocol``
+        shows as a :class:`RemoteProtocolError` on that read instead of a ``DialError`` here.
+
+        Raises:
+            DialError: no connection, or over ``dial_timeout``.
+        """
+        try:
+            with trio.fail_after(self.config.dial_timeout):
+                stream = await self._host.get_network().new_stream(_to_id(peer))
+                stream.set_protocol(TProtocol(protocol))
+                await stream.write(proposal(protocol))
+        except _DIAL_ERRORS as exc:
+            raise DialError(f"cannot open {protocol} to {peer}: {exc!r}") from exc
+        return Libp2pByteStream(stream, answer=Answer(protocol))
+
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
         """Serve inbound streams of ``protocol`` with ``handler``.
 
@@ -275,10 +294,13 @@ class Host:
     ) -> AsyncIterator[SessionStream]:
         """A :class:`SessionStream` to ``peer`` for the duration of the block.
 
+        The stream is opened lazily (:meth:`open_stream_lazily`): a peer that does not speak
+        ``protocol`` fails the session's first receive with a :class:`RemoteProtocolError`.
+
         Raises:
             DialError: the stream could not be opened.
         """
-        stream = await self.open_stream(peer, protocol)
+        stream = await self.open_stream_lazily(peer, protocol)
         async with session_context(
             stream, config=config or SessionConfig(), protocol=protocol
         ) as session:

@@ -26,8 +26,9 @@ from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.network.stream.net_stream import NetStream
 from libp2p.stream_muxer.exceptions import MuxedConnError, MuxedStreamEOF, MuxedStreamError
 
-from p2p._errors import BrokenStreamError
+from p2p._errors import BrokenStreamError, RemoteProtocolError
 from p2p._peer_id import PeerId
+from p2p._select import Answer
 
 __all__ = ["ByteStream", "Libp2pByteStream", "TrioByteStream"]
 
@@ -86,14 +87,17 @@ class ByteStream(Protocol):
 class Libp2pByteStream:
     """:class:`ByteStream` over a py-libp2p stream."""
 
-    __slots__ = ("_stream", "_muxed", "_peer", "_eof", "_done")
+    __slots__ = ("_stream", "_muxed", "_peer", "_eof", "_done", "_answer")
 
-    def __init__(self, stream: INetStream) -> None:
+    def __init__(self, stream: INetStream, *, answer: Answer | None = None) -> None:
+        """`answer`: the stream was opened lazily (`p2p/_select.py`), and the first reads
+        must find the peer's acceptance of the proposed protocol before its data."""
         self._stream = stream
         self._muxed: IMuxedStream | INetStream = getattr(stream, "muxed_stream", stream)
         self._peer = PeerId.from_bytes(stream.muxed_conn.peer_id.to_bytes())
         self._eof = False
         self._done = False  # closed or reset: further close/reset calls are no-ops
+        self._answer = answer
 
     @property
     def remote_peer(self) -> PeerId:
@@ -107,6 +111,20 @@ class Libp2pByteStream:
         return None if proto is None else str(proto)
 
     async def receive_some(self, max_bytes: int) -> bytes:
+        """Raises `RemoteProtocolError` if the peer refused a lazily proposed protocol."""
+        while self._answer is not None:
+            data = await self._read(max_bytes)
+            if not data:
+                raise RemoteProtocolError(f"stream from {self._peer.short()} ended before "
+                                          "accepting its protocol")
+            rest = self._answer.feed(data)
+            if rest is not None:
+                self._answer = None
+                if rest:
+                    return rest
+        return await self._read(max_bytes)
+
+    async def _read(self, max_bytes: int) -> bytes:
         if self._eof:
             return b""
         try:

@@ -134,6 +134,22 @@ async def test_two_hosts_exchange_framed_messages() -> None:
             await a.open_stream(b.peer_id, "/test/unknown/1")
 
 
+async def test_a_lazily_opened_session_to_a_protocol_nobody_serves_fails_on_receive() -> None:
+    # open_session proposes its protocol and sends at once (p2p/_select.py): the refusal
+    # comes back as the session's first receive, and the connection serves the next session.
+    async with two_hosts() as (a, b):
+        b.set_session_handler("/test/echo/1", echo)
+        with trio.fail_after(10):
+            await a.connect(b.listen_addrs()[0])
+            async with a.open_session(b.peer_id, "/test/unknown/1") as session:
+                await session.send(Tick(seq=1, data=b"x"))  # pipelined behind the proposal
+                with pytest.raises(RemoteProtocolError, match="does not speak"):
+                    await session.receive()
+            async with a.open_session(b.peer_id, "/test/echo/1") as session:
+                await session.send(Tick(seq=2, data=b"y"))
+                assert await session.receive() == Tick(seq=2, data=b"y")
+
+
 async def test_bad_frames_are_contained_to_their_stream(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
