@@ -9,6 +9,7 @@ import torch
 import trio
 
 from node._batching import BatchPolicy, gather_wait
+from node._offload import run_in_thread
 from sharding import KVCache, Span, use_threads
 
 
@@ -46,8 +47,7 @@ class LocalStages:
         if self.inline:
             await trio.lowlevel.checkpoint()
             return self._run(position, x, last_only)
-        return await trio.to_thread.run_sync(self._run, position, x, last_only,
-                                             limiter=self.limiter)
+        return await run_in_thread(self._run, position, x, last_only, limiter=self.limiter)
 
     async def forward(self, position: int, ids: torch.Tensor) -> torch.Tensor:
         """The whole-model `Forward` of the generation loop: last position's logits (V,)."""
@@ -144,8 +144,7 @@ class SharedHead:
             batch = self._queue[: self.policy.max_batch]
             del self._queue[: len(batch)]
             try:
-                out = await trio.to_thread.run_sync(self._run, [r.x for r in batch],
-                                                    limiter=self.limiter)
+                out = await run_in_thread(self._run, [r.x for r in batch], limiter=self.limiter)
             except trio.Cancelled:
                 self._queue[:0] = batch  # the thread never started: back where they were
                 raise

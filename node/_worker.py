@@ -7,9 +7,9 @@ sessions it already holds. `step` validates everything a client sent — model, 
 dtype, token counts, the position contract — before touching torch, and raises `RefusedError`
 naming the problem; a refused step changes nothing.
 
-Torch work runs in a worker thread (`trio.to_thread.run_sync`) behind one `CapacityLimiter` per
-worker, so the event loop keeps answering heartbeats and other sessions while a block computes,
-and only one forward uses the device at a time.
+Torch work runs in a worker thread (`node/_offload.py`: `to_thread`'s rules, a cheaper trip)
+behind one `CapacityLimiter` per worker, so the event loop keeps answering heartbeats and other
+sessions while a block computes, and only one forward uses the device at a time.
 
 Batching: a validated step becomes a job in a queue. Whichever waiting step finds no forward
 running "drives": it lets the steps that arrived at the same moment join (two passes through the
@@ -44,6 +44,7 @@ import trio
 
 from node._batching import BatchPolicy, Queued, Work, gather_wait, next_work
 from node._errors import RefusedError
+from node._offload import run_in_thread
 from node._protocol import OpenSession, Step, StepOutput
 from node._tensors import hidden_from_wire, hidden_to_wire, ids_from_wire
 from sharding import CODECS, KVCache, ShardingError, Span, use_threads
@@ -396,8 +397,7 @@ class SpanWorker:
             chosen = set(work.tickets)
             self._queue = [job for job in self._queue if job.ticket not in chosen]
             try:
-                results = await trio.to_thread.run_sync(self._compute, work, jobs,
-                                                        limiter=self.limiter)
+                results = await run_in_thread(self._compute, work, jobs, limiter=self.limiter)
             except trio.Cancelled:
                 # Only raised before the thread started (a started thread is waited for): the
                 # jobs go back where they were.
