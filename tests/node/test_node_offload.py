@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import trio
+import trio.testing
 
 from node._offload import run_in_thread
 
@@ -42,8 +43,8 @@ async def test_the_limiter_is_held_while_the_call_runs() -> None:
             await running.wait()
         assert limiter.borrowed_tokens == 1
         nursery.start_soon(lambda: run_in_thread(order.append, "second", limiter=limiter))
-        await trio.sleep(0.05)  # the second call cannot start while the first holds the limiter
-        assert order == []
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == [] and limiter.statistics().tasks_waiting == 1  # waits for the token
         release.set()
     assert order == ["first", "second"]
 
@@ -84,7 +85,7 @@ async def test_cancelled_after_the_hand_over_the_call_finishes_first() -> None:
         with trio.fail_after(10):
             await started.wait()
         scopes[0].cancel()
-        await trio.sleep(0.02)
+        await trio.testing.wait_all_tasks_blocked()
         assert ran == [] and result == []  # the caller still waits for its thread
         release.set()
     assert ran == ["finished"] and result == ["done"] and scopes[0].cancelled_caught
