@@ -18,8 +18,13 @@ REF_125M = dict(
 )
 
 
-def random_hf_checkpoint(folder: Path, spec: dict[str, Any] = REF_125M, seed: int = 0) -> Path:
-    """Write a random `transformers` checkpoint (fp32) once; reuse it when it exists."""
+def random_hf_checkpoint(folder: Path, spec: dict[str, Any] = REF_125M, seed: int = 0, *,
+                         dtype: torch.dtype = torch.float32, device: str = "cpu") -> Path:
+    """Write a random `transformers` checkpoint once; reuse it when it exists.
+
+    `device` only says where the random weights are drawn (a GPU draws a 1B model in a
+    moment); the checkpoint on disk is the same layout either way.
+    """
     if (folder / "config.json").is_file():
         return folder
     import transformers
@@ -27,7 +32,8 @@ def random_hf_checkpoint(folder: Path, spec: dict[str, Any] = REF_125M, seed: in
     spec = dict(spec)
     config = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(folder)
     return folder
 
