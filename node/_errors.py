@@ -33,3 +33,15 @@ class HopFailedError(NodeError):
 
 class GenerationError(NodeError):
     """A generation could not complete; the message is one line for the user."""
+
+
+class SessionRefusedError(HopFailedError):
+    """A hop refused to open the session (`refusal` says why and whether to retry elsewhere).
+
+    The client sends its first step right behind `OpenSession`, so the refusal arrives while
+    a step is under way and travels like any other hop failure.
+    """
+
+    def __init__(self, peer_id: str, refusal: RefusedError) -> None:
+        super().__init__(peer_id, f"refused the session: {refusal}")
+        self.refusal = refusal

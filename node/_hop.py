@@ -1,14 +1,18 @@
 """The client side of one hop: a session on one peer for a contiguous range of stages.
 
 Theory of operation: `RemoteHop.run` is a task in the client's nursery that opens the session
-stream, performs the handshake (`OpenSession` -> `SessionOpened`), reports itself started, and
-then reads the hop's replies until `aclose()`. Every reply — a `StepOutput`, a `Refusal`, or the
-error that ended the stream — goes, tagged with the hop, into one channel shared by all hops of
-a pipeline. The pipeline is the single consumer: with push, the first hop forwards each step
-down the chain by itself and the replies of every hop arrive on their own streams, in whatever
-order; one channel lets the pipeline wait for "all of them, or the first failure" without a
-task per hop per token. Nothing a peer does raises inside the client's nursery: a dead peer is
-an `HopEvent` carrying the error, so one bad hop can be replaced without disturbing the others.
+stream, sends `OpenSession`, reports itself started, and then reads the hop's replies until
+`aclose()`. It does not wait for `SessionOpened`: the first step goes right behind the open,
+so opening a route costs no round trip of its own, and the server's answer (`SessionOpened`,
+or a refusal, which becomes a `SessionRefusedError`) is simply the first reply read.
+
+Every reply — a `StepOutput`, a `Refusal`, or the error that ended the stream — goes, tagged
+with the hop, into one channel shared by all hops of a pipeline. The pipeline is the single
+consumer: with push, the first hop forwards each step down the chain by itself and the replies
+of every hop arrive on their own streams, in whatever order; one channel lets the pipeline wait
+for "all of them, or the first failure" without a task per hop per token. Nothing a peer does
+raises inside the client's nursery: a dead peer is an `HopEvent` carrying the error, so one bad
+hop can be replaced without disturbing the others.
 """
 
 from __future__ import annotations
@@ -21,10 +25,19 @@ from typing import TYPE_CHECKING
 import torch
 import trio
 
-from node._errors import HopFailedError, RefusedError
+from node._errors import HopFailedError, RefusedError, SessionRefusedError
 from node._protocol import PROTOCOL, OpenSession, Refusal, SessionOpened, Step, StepOutput
 from node._tensors import hidden_from_wire
-from p2p import Host, P2PError, PeerId, SessionConfig, SessionStream, Tensor, parse_peer_addr
+from p2p import (
+    Host,
+    Message,
+    P2PError,
+    PeerId,
+    SessionConfig,
+    SessionStream,
+    Tensor,
+    parse_peer_addr,
+)
 from sharding import ShardingError
 
 if TYPE_CHECKING:  # trio-typing's stubs (pulled in by libp2p) shadow trio's own annotations
@@ -77,7 +90,9 @@ class RemoteHop:
         self.session_config = session_config
         self.successor = successor
         self.predecessor = predecessor
-        self.pushing = False  # the server confirmed its push stream to the successor
+        # The server pushes to the successor: assumed from the open on, until `SessionOpened`
+        # says otherwise; each step's `pushed` says whether that step went through.
+        self.pushing = False
         self.session: SessionStream | None = None
         self.history: list[Kept] = []
         self.compute_s = 0.0
@@ -95,8 +110,9 @@ class RemoteHop:
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the session, report started, then deliver replies until `aclose()`.
 
-        Errors before `started` propagate to the `nursery.start` caller; after it, a failing
-        peer becomes a `HopEvent` with the error and this task simply ends.
+        Errors before `started` (dialling, opening the stream) propagate to the
+        `nursery.start` caller; after it, a failing or refusing peer becomes a `HopEvent` with
+        the error and this task simply ends.
         """
         succ_addrs, succ_session = self.successor or ((), b"")
         try:
@@ -109,12 +125,7 @@ class RemoteHop:
                     end=self.end, max_length=self.max_length, codec=self.codec,
                     successor=succ_addrs, successor_session=succ_session,
                     predecessor=self.predecessor))
-                reply = await session.receive()
-                if isinstance(reply, Refusal):
-                    raise RefusedError(reply.code, reply.detail, retryable=reply.retryable)
-                if not isinstance(reply, SessionOpened) or reply.session_id != self.session_id:
-                    raise self.failure(f"unexpected reply {reply.wire_name} to OpenSession")
-                self.pushing = reply.pushing
+                self.pushing = self.successor is not None
                 self.session = session
                 task_status.started()
                 async with trio.open_nursery() as nursery:
@@ -130,6 +141,7 @@ class RemoteHop:
 
     async def _read(self, session: SessionStream, scope: trio.CancelScope) -> None:
         try:
+            self._opened(await session.receive())
             while True:
                 reply = await session.receive()
                 if isinstance(reply, StepOutput | Refusal):
@@ -141,6 +153,15 @@ class RemoteHop:
         except HopFailedError as exc:
             self._report(exc)
         scope.cancel()
+
+    def _opened(self, reply: Message) -> None:
+        """Check the server's answer to `OpenSession` (its first reply)."""
+        if isinstance(reply, Refusal):
+            raise SessionRefusedError(self.peer_id, RefusedError(
+                reply.code, reply.detail, retryable=reply.retryable))
+        if not isinstance(reply, SessionOpened) or reply.session_id != self.session_id:
+            raise self.failure(f"unexpected reply {reply.wire_name} to OpenSession")
+        self.pushing = reply.pushing
 
     def _report(self, error: HopFailedError) -> None:
         if self.failed is None and not self._closed.is_set():

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 import trio
 
-from node._errors import GenerationError, HopFailedError, RefusedError
+from node._errors import GenerationError, HopFailedError, RefusedError, SessionRefusedError
 from node._hop import HopEvent, Kept, RemoteHop
 from node._local import LocalStages, SharedHead
 from node._protocol import Refusal, StepOutput
@@ -111,13 +111,13 @@ class Pipeline:
                 session_config=SessionConfig(dead_after=self.config.dead_after_s),
                 events=self._send.clone(), successor=successor,
                 predecessor=route.hops[i - 1].peer_id if push and i > 0 else ""))
-        failures: list[tuple[RemoteHop, HopFailedError | RefusedError]] = []
+        failures: list[HopFailedError] = []
 
         async def start(remote: RemoteHop) -> None:
             try:
                 await nursery.start(remote.run)
-            except (HopFailedError, RefusedError) as exc:
-                failures.append((remote, exc))
+            except HopFailedError as exc:
+                failures.append(exc)
 
         async with trio.open_nursery() as starting:
             for remote in hops:
@@ -125,13 +125,7 @@ class Pipeline:
         if failures:
             for remote in hops:
                 remote.aclose()
-            remote, exc = failures[0]
-            if isinstance(exc, RefusedError):
-                if not exc.retryable:
-                    raise GenerationError(f"peer {remote.peer_id[:16]} refused the session: "
-                                          f"{exc}") from exc
-                raise remote.failure(f"refused the session: {exc}") from exc
-            raise exc
+            raise failures[0]
         return hops
 
     def close(self) -> None:
@@ -304,6 +298,10 @@ class Pipeline:
     # -- failover ----------------------------------------------------------------------------
 
     def _count_failure(self, peer_id: str, error: Exception) -> None:
+        if isinstance(error, SessionRefusedError) and not error.refusal.retryable:
+            # Another peer would refuse it too (e.g. a max_length over the node's limit).
+            raise GenerationError(f"peer {peer_id[:16]} refused the session: "
+                                  f"{error.refusal}") from error
         logger.info("failing over from peer %s: %s", peer_id[:16], error)
         self.info.failovers += 1
         if self.info.failovers > self.config.max_failovers:

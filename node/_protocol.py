@@ -7,13 +7,18 @@ A client opens one session stream per hop and speaks:
     ...                              (a Refusal to a step leaves the session usable unless the
                                       stream is then closed by the server)
 
-Push (server-to-server): the client opens the hops last to first and tells each hop its
-successor (`successor`, `successor_session`) and its predecessor's peer id. The hop opens one
-stream to its successor and sends `PushOpen(successor_session)`; the successor accepts it only
-from the declared predecessor. A client `Step` with `push` set is then computed by the first
-hop, forwarded as a `Step` on the push stream, and so on down the chain; every hop also sends
-its `StepOutput` to the client (the client keeps them: they are the next hop's inputs, which a
-replacement replays after a failure), with `pushed` saying whether the forward succeeded.
+The client need not wait for `SessionOpened` before its first step (it does not): a server
+reads a stream's messages in order, and a refused session drops the steps behind it.
+
+Push (server-to-server): the client opens all hops at once and tells each hop its successor
+(`successor`, `successor_session`) and its predecessor's peer id. The hop opens one stream to
+its successor and sends `PushOpen(successor_session)`, its steps right behind; the successor
+accepts it only from the declared predecessor (waiting a moment for that session's own
+`OpenSession`), else answers a `Refusal` and drops the stream. A client `Step` with `push` set
+is then computed by the first hop, forwarded as a `Step` on the push stream, and so on down the
+chain; every hop also sends its `StepOutput` to the client (the client keeps them: they are the
+next hop's inputs, which a replacement replays after a failure), with `pushed` saying whether
+the forward succeeded.
 
 Token ids travel as an int64 `raw` tensor (B=1, T); hidden states as (1, T, C) in the
 session's codec; logits as (1, T or 1, V) `raw`. Everything is validated by the p2p message
@@ -70,7 +75,8 @@ class OpenSession(Message):
 @dataclass(frozen=True, slots=True)
 class SessionOpened(Message):
     """The server holds a KV cache for the session; `dtype` is what it computes in, and
-    `pushing` whether it holds a push stream to the successor the client named."""
+    `pushing` whether it is opening a push stream to the successor the client named (each
+    step's `StepOutput.pushed` says whether that step went through)."""
 
     session_id: bytes
     dtype: str

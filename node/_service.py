@@ -5,9 +5,13 @@ this handler speaks the inference protocol on it. A stream starts with either
 
 * `OpenSession` from a client: the session's KV cache lives exactly as long as this stream.
   Whatever ends it — the client's close, a dead or frozen client declared dead by heartbeats,
-  a protocol violation, the node shutting down — the `finally` frees it. When the client names
-  a successor, the node first opens a push stream to it and says in `SessionOpened` whether
-  that worked; or
+  a protocol violation, the node shutting down — the `finally` frees it. The node answers
+  `SessionOpened` at once; a client does not wait for it either, and sends its first step
+  right behind `OpenSession` (opening a route costs no round trip of its own). When the
+  client names a successor, a task opens the push stream to it meanwhile, writing `PushOpen`
+  without waiting for the answer: a step's output waits only for that write. Should the
+  successor refuse, the stream is dropped and later steps say `pushed=False`; the client
+  sees the successor's own failure and replaces it; or
 * `PushOpen` from the previous hop of a session opened here (or about to be: a client opens
   its hops at once, so this waits a moment for the session), accepted only from the peer the
   client named as predecessor: its steps are computed exactly like the client's own.
@@ -24,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 import trio
@@ -55,6 +58,7 @@ class _Served:
     predecessor: str
     lock: trio.Lock = field(default_factory=trio.Lock)
     push: SessionStream | None = None
+    push_ready: trio.Event = field(default_factory=trio.Event)  # the push stream's open is over
     attached: bool = False
     closed: bool = False
 
@@ -123,25 +127,21 @@ async def _serve_client(worker: SpanWorker, session: SessionStream, request: Ope
     served = _Served(ws=ws, client=session, predecessor=request.predecessor)
     table = _SERVED.setdefault(worker, _Table())
     table.add(request.session_id, served)
+    pushing = bool(request.successor) and host is not None
     try:
-        async with AsyncExitStack() as stack:
-            if request.successor:
-                served.push = await _open_push(stack, host, session, request, sid)
-            await session.send(SessionOpened(
-                session_id=request.session_id, pushing=served.push is not None,
-                dtype=str(worker.span.dtype).removeprefix("torch.")))
-            while True:
-                try:
-                    msg = await session.receive()
-                except StreamClosedError:
-                    return
-                if not isinstance(msg, Step):
-                    await session.send(Refusal(code="bad-request",
-                                               detail=f"unexpected {msg.wire_name} in a session"))
-                    continue
-                await _process(worker, served, msg, sid, peer)
-    except P2PError as exc:
-        logger.info("session %s from %s ended: %s", sid, peer, exc)
+        async with trio.open_nursery() as nursery:
+            if pushing and host is not None:
+                nursery.start_soon(_hold_push, host, served, request, sid)
+            else:
+                served.push_ready.set()
+            try:
+                await session.send(SessionOpened(
+                    session_id=request.session_id, pushing=pushing,
+                    dtype=str(worker.span.dtype).removeprefix("torch.")))
+                await _serve_steps(worker, served, session, sid, peer)
+            except P2PError as exc:  # caught here: a nursery would wrap it in a group
+                logger.info("session %s from %s ended: %s", sid, peer, exc)
+            nursery.cancel_scope.cancel()  # the session is over: drop the push stream
     finally:
         served.closed = True
         table.sessions.pop(request.session_id, None)
@@ -149,11 +149,28 @@ async def _serve_client(worker: SpanWorker, session: SessionStream, request: Ope
         logger.info("session %s closed; %d open", sid, len(worker.sessions))
 
 
-async def _open_push(stack: AsyncExitStack, host: Host | None, client: SessionStream,
-                     request: OpenSession, sid: str) -> SessionStream | None:
-    """The push stream to the successor, or None (the client then drives that link)."""
-    if host is None:
-        return None
+async def _serve_steps(worker: SpanWorker, served: _Served, session: SessionStream, sid: str,
+                       peer: str) -> None:
+    """The client's steps, in order, until it closes the stream."""
+    while True:
+        try:
+            msg = await session.receive()
+        except StreamClosedError:
+            return
+        if not isinstance(msg, Step):
+            await session.send(Refusal(code="bad-request",
+                                       detail=f"unexpected {msg.wire_name} in a session"))
+            continue
+        await _process(worker, served, msg, sid, peer)
+
+
+async def _hold_push(host: Host, served: _Served, request: OpenSession, sid: str) -> None:
+    """Open the push stream to the successor and hold it until cancelled or refused.
+
+    `served.push` is set once `PushOpen` is written (the successor reads it before any step
+    behind it) and cleared when the successor refuses or the stream ends; `push_ready` is set
+    either way, so a step never waits past this open.
+    """
     try:
         peer, transports = _successor(request.successor)
         with trio.fail_after(PUSH_OPEN_TIMEOUT_S):
@@ -161,19 +178,23 @@ async def _open_push(stack: AsyncExitStack, host: Host | None, client: SessionSt
                 await host.connect_peer(peer, transports)
         # Not under the timeout: the session's nursery must not straddle a cancel scope
         # (the host bounds the stream open by its dial timeout).
-        push = await stack.enter_async_context(
-            host.open_session(peer, PROTOCOL, config=client.config))
-        with trio.fail_after(PUSH_OPEN_TIMEOUT_S):
-            await push.send(PushOpen(session_id=request.successor_session))
+        async with host.open_session(peer, PROTOCOL, config=served.client.config) as push:
+            with trio.fail_after(PUSH_OPEN_TIMEOUT_S):
+                await push.send(PushOpen(session_id=request.successor_session))
+            served.push = push
+            served.push_ready.set()
             reply = await push.receive()
+            if isinstance(reply, SessionOpened):
+                reply = await push.receive()  # nothing more comes unless it refuses a step
+            detail = reply.detail if isinstance(reply, Refusal) else reply.wire_name
+            logger.info("session %s: the successor refused the push stream: %s", sid, detail)
+    except StreamClosedError:
+        pass
     except (P2PError, trio.TooSlowError, ValueError) as exc:
         logger.info("session %s: no push stream to the successor: %s", sid, exc)
-        return None
-    if not isinstance(reply, SessionOpened):
-        detail = reply.detail if isinstance(reply, Refusal) else reply.wire_name
-        logger.info("session %s: successor refused the push stream: %s", sid, detail)
-        return None
-    return push
+    finally:
+        served.push = None
+        served.push_ready.set()
 
 
 def _successor(addrs: tuple[str, ...]) -> tuple[PeerId, list[str]]:
@@ -235,6 +256,8 @@ async def _process(worker: SpanWorker, served: _Served, step: Step, sid: str,
             await served.client.send(_refusal(exc, step.step))
             return
         pushed = False
+        if step.push:
+            await served.push_ready.wait()  # the open ran beside the compute
         if step.push and served.push is not None:
             try:
                 await served.push.send(Step(step=step.step, position=step.position,

@@ -19,9 +19,9 @@ the cores.
 
 Then, on the 125M model (`--sections`):
 
-- `wan`: push vs client-driven per-token latency with a one-way delay of 0, 10 and 50 ms on
-  every message every process sends (the link shaper, `--link-delay-ms` on the nodes and
-  `ClientConfig.link_delay_s` on the client);
+- `wan`: push vs client-driven per-token latency and time to first token with a one-way delay
+  of 0, 10 and 50 ms on every message every process sends (the link shaper, `--link-delay-ms`
+  on the nodes and `ClientConfig.link_delay_s` on the client);
 - `clients`: aggregate decode tokens/s of 1, 4 and 8 concurrent clients, beside the compute
   ceiling of this CPU: the single-process engine's batched decode of that many sequences over
   its decode of one (what batching could give at best here);
@@ -199,13 +199,16 @@ def node_args(args: argparse.Namespace, *extra: str) -> list[str]:
 
 
 async def wan(folder: Path, args: argparse.Namespace) -> list[list[object]]:
-    """Push vs client-driven per-token latency at several one-way delays per leg."""
+    """Push vs client-driven per-token latency, and time to first token, at several one-way
+    delays per leg (a route's open costs no round trip of its own: its first step follows
+    `OpenSession` on every stream, so TTFT is about one pass of legs plus compute)."""
     ids = prompt_ids(folder, 16)
     n = args.wan_tokens
     spans = even_spans(Checkpoint.open(folder).config.num_stages)
     rows: list[list[object]] = []
     for delay_ms in args.delays:
         per_token: dict[str, float] = {}
+        ttft: dict[str, float] = {}
         with tempfile.TemporaryDirectory(prefix="shardnet-bench-") as root:
             async with Devnet(3, root=Path(root), model=folder, spans=spans,
                               extra_args=node_args(args, "--link-delay-ms",
@@ -215,9 +218,10 @@ async def wan(folder: Path, args: argparse.Namespace) -> list[list[object]]:
                                           push=push, link_delay_s=delay_ms / 1e3)
                     async with Client(model=folder, config=config) as client:
                         runs, _ = await client_runs(client, ids, n, args.wan_repeats)
-                    per_token[push] = 1.0 / best(runs)[1]
+                    ttft[push], rate = best(runs)
+                    per_token[push] = 1.0 / rate
         rows.append([delay_ms, per_token["off"] * 1e3, per_token["on"] * 1e3,
-                     per_token["on"] / per_token["off"]])
+                     per_token["on"] / per_token["off"], ttft["off"] * 1e3, ttft["on"] * 1e3])
     return rows
 
 
@@ -345,7 +349,8 @@ async def main_async(args: argparse.Namespace) -> None:
     if "wan" in args.sections:
         print(f"\nper-token latency, 3 hops, one-way delay per leg, {args.wan_tokens} new "
               f"tokens, best of {args.wan_repeats} (llama-125m)", flush=True)
-        print(table(["delay ms", "client-driven ms", "push ms", "push / client-driven"],
+        print(table(["delay ms", "client-driven ms", "push ms", "push / client-driven",
+                     "TTFT client-driven ms", "TTFT push ms"],
                     await wan(random, args)), flush=True)
     if "clients" in args.sections:
         print(f"\nconcurrent clients, aggregate decode tokens/s, {args.new_tokens} new tokens "
