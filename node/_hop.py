@@ -18,7 +18,6 @@ hop can be replaced without disturbing the others.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -95,7 +94,6 @@ class RemoteHop:
         self.pushing = False
         self.session: SessionStream | None = None
         self.history: list[Kept] = []
-        self.compute_s = 0.0
         self.failed: HopFailedError | None = None
         self._events = events
         self._closed = trio.Event()
@@ -182,13 +180,12 @@ class RemoteHop:
         except P2PError as exc:
             raise self.failure(str(exc)) from exc
 
-    def check_output(self, reply: StepOutput, tokens: int, last_only: bool) -> torch.Tensor:
-        """Decode and check a step's output; `HopFailedError` blames this hop if it is bad."""
-        if math.isfinite(reply.compute_s) and reply.compute_s >= 0:
-            self.compute_s += reply.compute_s
+    def check_output(self, output: Tensor, tokens: int, last_only: bool) -> torch.Tensor:
+        """Decode and check an output of this hop (which may have come with another hop's
+        answer); `HopFailedError` blames this hop if it is bad."""
         width = self.vocab_size if self.returns_logits else self.hidden_size
         try:
-            out = hidden_from_wire(reply.output, max_elements=max(1, tokens) * width)
+            out = hidden_from_wire(output, max_elements=max(1, tokens) * width)
         except ShardingError as exc:
             raise self.failure(f"bad output: {exc}") from exc
         expected_t = 1 if last_only and self.returns_logits else tokens

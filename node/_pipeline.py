@@ -6,11 +6,12 @@ A `Pipeline` owns the sessions of one generation (one `RemoteHop` per hop of the
 runs each forward step across them. It is the single consumer of the hops' `HopEvent`s.
 
 *Push* (the default when every link works): the hops are opened, each told its successor,
-and a step is sent to the first hop only; each hop forwards its output to the next
-and also sends it back here. A token then crosses one leg per hop plus one back, instead of
-two per hop. *Client-driven*: the client sends every hop its input itself. Both modes can mix
-within one step: when a hop says it did not push (`pushed=False`), the client sends the next
-hop that output itself and the chain goes on from there.
+and a step is sent to the first hop only; each hop forwards its output to the next, and every
+hop's output also comes back here — a decode step's along the chain, all in the last hop's
+answer, a prompt's as a copy from each hop (`node/_service.py`). A token then crosses one leg
+per hop plus one back, instead of two per hop. *Client-driven*: the client sends every hop its
+input itself. Both modes can mix within one step: when a hop says it did not push
+(`pushed=False`), the client sends the next hop that output itself.
 
 Every hop's output arrives here either way; it is checked (blaming the hop that produced it)
 and kept as the next hop's input history. A step is done when the last hop's output is in.
@@ -18,7 +19,9 @@ While waiting, the decision point is the first hop `m` without an output: if `m`
 stream broke, its heartbeats stopped, it refused the step, it sent garbage, or it timed out),
 it is replaced — banned with backoff, its stages re-routed (maybe over several peers), the
 replacement rebuilt by replaying `m`'s kept inputs step by step — and the step goes on from
-`m`, client-driven for the rest of the generation. Replayed and resent steps carry `rollback`,
+`m`, client-driven for the rest of the generation. If a hop after `m` fails while `m`'s output
+is still on its way along the chain, the step is sent to `m` again, client-driven from there on
+(what `m` pushed may never arrive). Replayed and resent steps carry `rollback`,
 which makes them idempotent: a hop that already computed a position (e.g. from a push of a
 hop that then died) recomputes it from the same cache prefix and the same input, so greedy
 output is identical with or without a failure.
@@ -30,7 +33,6 @@ that, the whole pipeline is reopened on a fresh route and the prompt sent again.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import secrets
@@ -154,21 +156,28 @@ class Pipeline:
     def _last_only(self) -> bool:
         return self.hops[-1].returns_logits
 
-    def _decode_last(self, reply: StepOutput, tokens: int) -> torch.Tensor:
-        return self.hops[-1].check_output(reply, tokens, self._last_only())
-
     def _next_step(self) -> int:
         self._step += 1
         return self._step - 1
+
+    def _outputs(self, index: int, reply: StepOutput) -> list[tuple[int, Tensor]]:
+        """(hop, output) pairs a reply from hop `index` brings: the carried ones, then its own."""
+        first = index - len(reply.carried)
+        if first < 0:
+            raise self.hops[index].failure(f"carried {len(reply.carried)} outputs, "
+                                           f"but only {index} hops come before it")
+        return [(first + j, t) for j, t in enumerate((*reply.carried, reply.output))]
 
     async def _run_step(self, position: int, payload: Tensor) -> torch.Tensor:
         """One step across all hops, failing over as needed; returns the last hop's output."""
         step = self._next_step()
         tokens = payload.shape[1] if len(payload.shape) > 1 else 1
         last_only = self._last_only()
-        have: dict[int, StepOutput] = {}
+        have: dict[int, Tensor] = {}  # each hop's output, by hop index
+        pushed_on: set[int] = set()  # hops whose output went on to their successor by push
         sent: set[int] = set()
         refused: dict[int, RefusedError] = {}
+        driven = not self.push  # the client sends every remaining hop its input itself
         last: torch.Tensor | None = None
         deadline = trio.current_time() + self.config.step_timeout_s
         while True:
@@ -183,17 +192,22 @@ class Pipeline:
             if error is not None:
                 await self._replace(m, error)
                 have = {i: o for i, o in have.items() if i < m}
-                if m > 0:  # the replacement got no push: the client sends it this step
-                    have[m - 1] = dataclasses.replace(have[m - 1], pushed=False)
+                pushed_on = {i for i in pushed_on if i < m - 1}
                 sent = {i for i in sent if i < m}
                 refused.clear()
+                driven = True
                 deadline = trio.current_time() + self.config.step_timeout_s
                 continue
-            if m not in sent and (m == 0 or not have[m - 1].pushed):
-                inp = payload if m == 0 else have[m - 1].output
+            if not driven and any(h.failed is not None or i in refused
+                                  for i, h in enumerate(self.hops) if i > m):
+                # The chain broke after `m`: what `m` pushed may never come back. Ask again.
+                driven = True
+                sent.discard(m)
+            if m not in sent and (m == 0 or driven or m - 1 not in pushed_on):
+                inp = payload if m == 0 else have[m - 1]
                 try:
                     await hop.send(step, position, inp, rollback=True, last_only=last_only,
-                                   push=self.push and hop.pushing)
+                                   push=not driven and hop.pushing)
                 except HopFailedError as exc:
                     hop.failed = hop.failed or exc
                     continue
@@ -203,25 +217,35 @@ class Pipeline:
                 continue  # a timeout or a failure: both are read from the hops above
             index = self._index(event.hop)
             reply = event.reply
-            if index is None or index in have:
-                continue  # a replaced hop's leftovers, or a duplicate
+            if index is None:
+                continue  # a replaced hop's leftovers
             if isinstance(reply, Refusal):
-                if reply.step in (step, -1):
+                if reply.step in (step, -1) and index not in have:
                     refused[index] = RefusedError(reply.code, reply.detail,
                                                   retryable=reply.retryable)
                 continue
             if reply.step != step:
                 continue  # a stale reply to an earlier (resent or replaced) step
             try:
-                decoded = self.hops[index].check_output(reply, tokens, last_only)
+                outputs = self._outputs(index, reply)
             except HopFailedError as exc:
                 self.hops[index].failed = exc
                 continue
-            have[index] = reply
-            if index == len(self.hops) - 1:
-                last = decoded
+            for i, output in outputs:
+                if i in have:
+                    continue  # already in (a duplicate, or a resent step's first answer)
+                try:
+                    decoded = self.hops[i].check_output(output, tokens, last_only)
+                except HopFailedError as exc:  # blames the hop that produced it
+                    self.hops[i].failed = exc
+                    break
+                have[i] = output
+                if i < index or reply.pushed:
+                    pushed_on.add(i)
+                if i == len(self.hops) - 1:
+                    last = decoded
         for i, h in enumerate(self.hops):
-            h.history.append(Kept(step, position, payload if i == 0 else have[i - 1].output))
+            h.history.append(Kept(step, position, payload if i == 0 else have[i - 1]))
         if last is None:  # unreachable: the loop ends only with the last hop's output
             raise GenerationError("internal error: a step ended without an output")
         return last
@@ -247,7 +271,7 @@ class Pipeline:
                 raise _Restart(self.hops[0], exc) from exc
             steps.append(kept)
         by_step = {k.step: k for k in steps}
-        have: dict[tuple[int, int], StepOutput] = {}
+        have: dict[tuple[int, int], Tensor] = {}  # (step, hop) -> that hop's output
         last: torch.Tensor | None = None
         deadline = trio.current_time() + self.config.step_timeout_s
         while len(have) < n * len(steps):
@@ -270,16 +294,21 @@ class Pipeline:
                 raise _Restart(self.hops[index + 1], hop.failure("a push did not go through"))
             kept = by_step[reply.step]
             try:
-                decoded = hop.check_output(reply, kept.input.shape[1], last_only)
+                outputs = self._outputs(index, reply)
             except HopFailedError as exc:
                 raise _Restart(hop, exc) from exc
-            have[(kept.step, index)] = reply
-            if index == n - 1 and kept is steps[-1]:
-                last = decoded
+            for i, output in outputs:
+                try:
+                    decoded = self.hops[i].check_output(output, kept.input.shape[1], last_only)
+                except HopFailedError as exc:  # blames the hop that produced it
+                    raise _Restart(self.hops[i], exc) from exc
+                have[(kept.step, i)] = output
+                if i == n - 1 and kept is steps[-1]:
+                    last = decoded
         for kept in steps:
             for i, hop in enumerate(self.hops):
                 hop.history.append(Kept(kept.step, kept.position, kept.input if i == 0
-                                        else have[(kept.step, i - 1)].output))
+                                        else have[(kept.step, i - 1)]))
         if last is None:
             raise GenerationError("internal error: the prefill ended without an output")
         return last
@@ -366,7 +395,7 @@ class Pipeline:
                 continue
             if isinstance(reply, Refusal):
                 raise hop.failure(f"refused a replayed step: {reply.code}: {reply.detail}")
-            hop.check_output(reply, tokens, hop.returns_logits)
+            hop.check_output(reply.output, tokens, hop.returns_logits)
             return reply
 
     async def _reopen(self, hop: RemoteHop, error: Exception) -> None:

@@ -16,9 +16,11 @@ its successor and sends `PushOpen(successor_session)`, its steps right behind; t
 accepts it only from the declared predecessor (waiting a moment for that session's own
 `OpenSession`), else answers a `Refusal` and drops the stream. A client `Step` with `push` set
 is then computed by the first hop, forwarded as a `Step` on the push stream, and so on down the
-chain; every hop also sends its `StepOutput` to the client (the client keeps them: they are the
-next hop's inputs, which a replacement replays after a failure), with `pushed` saying whether
-the forward succeeded.
+chain. The client keeps every hop's output (the next hop's input, which a replacement replays
+after a failure): small outputs ride along the chain (`relay`, `carried`) and arrive with the
+last hop's `StepOutput`, one message per token; large ones (a prompt's) come straight back from
+each hop as a copy (`pushed=True`), beside the next hop's compute. A hop that could not push
+answers the client with `pushed=False`, and the client drives the next hop itself.
 
 Token ids travel as an int64 `raw` tensor (B=1, T); hidden states as (1, T, C) in the
 session's codec; logits as (1, T or 1, V) `raw`. Everything is validated by the p2p message
@@ -35,6 +37,7 @@ PROTOCOL = "/shardnet/inference/1"
 SESSION_ID_BYTES = 16
 _MAX_TEXT = 512
 _MAX_ADDRS = 8
+MAX_CARRIED = 64  # outputs one push message may carry toward the client (hops of one route)
 
 
 @message("shardnet.OpenSession", 1)
@@ -86,7 +89,13 @@ class SessionOpened(Message):
 @message("shardnet.Step", 1)
 @dataclass(frozen=True, slots=True)
 class Step(Message):
-    """Run the session's stages on `input` at `position` (roll back first if asked)."""
+    """Run the session's stages on `input` at `position` (roll back first if asked).
+
+    On a push stream, `relay` says the client does not have `input` yet (its producer sent no
+    copy), and `carried` holds the outputs of the hops before that one which the client does
+    not have either, oldest first: this hop passes them all on, so they reach the client in
+    the chain's last message instead of one message per hop.
+    """
 
     step: int
     position: int
@@ -94,22 +103,36 @@ class Step(Message):
     rollback: bool = False
     last_only: bool = False
     push: bool = False
+    relay: bool = False
+    carried: tuple[Tensor, ...] = ()
 
     def validate(self, limits: WireLimits) -> None:
         if self.step < 0 or self.position < 0:
             raise ValueError("step and position must be >= 0")
+        if len(self.carried) > MAX_CARRIED or (self.carried and not self.relay):
+            raise ValueError(f"at most {MAX_CARRIED} carried outputs, and only with relay")
 
 
 @message("shardnet.StepOutput", 1)
 @dataclass(frozen=True, slots=True)
 class StepOutput(Message):
-    """The output of one step, and how long the server computed it."""
+    """The output of one step, and how long the server computed it.
+
+    `carried`: the outputs of the hops right before this one that reached it by push and
+    not the client, oldest first (the client keeps every hop's input). `pushed`: the output
+    also went on to the successor, and this message is the client's copy.
+    """
 
     step: int
     position: int
     output: Tensor
     compute_s: float = 0.0
     pushed: bool = False
+    carried: tuple[Tensor, ...] = ()
+
+    def validate(self, limits: WireLimits) -> None:
+        if len(self.carried) > MAX_CARRIED:
+            raise ValueError(f"at most {MAX_CARRIED} carried outputs")
 
 
 @message("shardnet.PushOpen", 1)

@@ -17,7 +17,10 @@ this handler speaks the inference protocol on it. A stream starts with either
   client named as predecessor: its steps are computed exactly like the client's own.
 
 Each step's output goes to the client, and, when the step asks for push, first to the
-successor: the forward is on the critical path, the copy to the client is for failover. A
+successor: the forward is on the critical path, the client's copy is for failover. A small
+output rides along the chain instead and reaches the client with the last hop's answer (one
+message per token rather than one per hop: on two vCPUs, each message the client reads is
+compute the next hop does not get); a large one goes back at once (`_process`). A
 per-session lock keeps the two sources of steps (client stream, push stream) in order. A
 refused request is answered with a typed `Refusal` naming the step, and the stream stays
 usable, so one bad step costs the client one round trip, never the node.
@@ -42,11 +45,22 @@ from node._protocol import (
     Step,
 )
 from node._worker import SpanWorker, WorkerSession
-from p2p import Host, P2PError, PeerId, SessionStream, StreamClosedError, parse_peer_addr
+from p2p import (
+    Host,
+    P2PError,
+    PeerId,
+    SessionStream,
+    StreamClosedError,
+    Tensor,
+    parse_peer_addr,
+)
 
 logger = logging.getLogger(__name__)
 
 PUSH_OPEN_TIMEOUT_S = 5.0
+# Outputs up to this size ride along the push chain to the client (a decode step's rows);
+# larger ones (a prompt chunk's) go back as copies from each hop, beside the next compute.
+CARRY_BYTES = 1 << 16
 
 
 @dataclass(slots=True)
@@ -236,15 +250,18 @@ async def _serve_push(worker: SpanWorker, stream: SessionStream, request: PushOp
             return
         if served.closed:
             return
-        await _process(worker, served, msg, sid, peer)
+        await _process(worker, served, msg, sid, peer, pushed_in=True)
 
 
 async def _process(worker: SpanWorker, served: _Served, step: Step, sid: str,
-                   peer: str) -> None:
-    """Compute one step; push its output on when asked; answer the client.
+                   peer: str, *, pushed_in: bool = False) -> None:
+    """Compute one step; push its output on when asked; answer the client when it needs it.
 
-    Errors sending to the client end the caller's stream (they propagate as `P2PError`); a
-    failed push only clears the push stream and says `pushed=False` to the client.
+    The client gets every hop's output, but not necessarily from that hop: while the outputs
+    it lacks stay under `CARRY_BYTES`, they ride along the push chain and arrive with a later
+    hop's answer (`Step.relay`/`carried`), which spares every hop but the last a message per
+    token. Errors sending to the client end the caller's stream (they propagate as
+    `P2PError`); a failed push only clears the push stream and answers `pushed=False`.
     """
     async with served.lock:
         if served.closed:
@@ -255,17 +272,27 @@ async def _process(worker: SpanWorker, served: _Served, step: Step, sid: str,
             logger.info("session %s from %s: refused step %d: %s", sid, peer, step.step, exc)
             await served.client.send(_refusal(exc, step.step))
             return
-        pushed = False
+        # Outputs of earlier hops that came here by push and are not with the client yet.
+        pending = (*step.carried, step.input) if pushed_in and step.relay else ()
+        carry = _payload_bytes(pending) + len(out.output.payload) <= CARRY_BYTES
         if step.push:
             await served.push_ready.wait()  # the open ran beside the compute
         if step.push and served.push is not None:
             try:
                 await served.push.send(Step(step=step.step, position=step.position,
                                             input=out.output, rollback=step.rollback,
-                                            last_only=step.last_only, push=True))
-                pushed = True
+                                            last_only=step.last_only, push=True, relay=carry,
+                                            carried=pending if carry else ()))
             except P2PError as exc:
                 logger.info("session %s: push to the successor failed: %s", sid, exc)
                 served.push = None
-        await served.client.send(dataclasses.replace(out, pushed=pushed)
-                                 if pushed else out)
+            else:
+                if not carry:  # a copy now, beside the successor's compute
+                    await served.client.send(dataclasses.replace(out, pushed=True,
+                                                                 carried=pending))
+                return
+        await served.client.send(dataclasses.replace(out, carried=pending) if pending else out)
+
+
+def _payload_bytes(tensors: tuple[Tensor, ...]) -> int:
+    return sum(len(t.payload) for t in tensors)

@@ -68,7 +68,7 @@ async def test_the_first_step_goes_out_before_the_session_is_confirmed() -> None
             event = await events.receive()
     assert seen == ["shardnet.OpenSession", "shardnet.Step"]
     assert isinstance(event.reply, StepOutput) and event.error is None
-    assert hop.check_output(event.reply, 2, False).shape == (1, 2, HIDDEN)
+    assert hop.check_output(event.reply.output, 2, False).shape == (1, 2, HIDDEN)
 
 
 @pytest.mark.parametrize("retryable", [True, False])
@@ -85,3 +85,18 @@ async def test_a_refused_session_arrives_as_the_hops_failure(retryable: bool) ->
     assert isinstance(event.error, SessionRefusedError)
     assert event.error.refusal.retryable is retryable and "no room" in str(event.error)
     assert hop.failed is event.error
+
+
+def test_carried_outputs_are_bounded_and_only_ride_with_relay() -> None:
+    from node._protocol import MAX_CARRIED
+    from p2p import LocalProtocolError, decode_message, encode_message
+
+    row = hidden_to_wire(torch.ones(1, 1, HIDDEN), "int8-block")
+    ok = Step(step=3, position=7, input=row, push=True, relay=True, carried=(row, row))
+    assert decode_message(encode_message(ok)) == ok
+    for bad in (Step(step=3, position=7, input=row, carried=(row,)),  # carried, no relay
+                Step(step=3, position=7, input=row, relay=True,
+                     carried=(row,) * (MAX_CARRIED + 1)),
+                StepOutput(step=3, position=7, output=row, carried=(row,) * (MAX_CARRIED + 1))):
+        with pytest.raises(LocalProtocolError):
+            encode_message(bad)

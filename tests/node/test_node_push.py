@@ -65,6 +65,46 @@ async def test_push_feeds_only_the_first_hop_and_matches_the_engine(
     assert all(sends[hop] == 0 for hop in rest)  # the servers forwarded every step
 
 
+@pytest.mark.parametrize("carry_bytes", [1 << 16, 0])
+async def test_every_hops_output_reaches_the_client_carried_or_as_a_copy(
+    tiny_model: Path, loopback_swarm: Any, monkeypatch: pytest.MonkeyPatch, carry_bytes: int
+) -> None:
+    """Small outputs ride along the chain to the last hop's answer; with no room to carry,
+    each hop sends its own copy. Either way the client keeps every hop's input."""
+    from node import _service
+    from node._pipeline import Pipeline
+
+    monkeypatch.setattr(_service, "CARRY_BYTES", carry_bytes)
+    answers: Counter[tuple[int, int]] = Counter()  # (hop index, outputs carried) per answer
+    pipelines: list[Pipeline] = []
+    original = Pipeline._outputs
+
+    def counted(self: Pipeline, index: int, reply: Any) -> Any:
+        answers[(index, len(reply.carried))] += 1
+        pipelines.append(self)
+        return original(self, index, reply)
+
+    monkeypatch.setattr(Pipeline, "_outputs", counted)
+    expected = await _local(tiny_model, PROMPT, 12)
+    with trio.fail_after(60):
+        async with loopback_swarm(tiny_model, SPANS) as net, \
+                Client(bootstrap=[net.bootstrap], model=tiny_model,
+                       config=ClientConfig(codec="raw", push="on", prefill_chunk=0,
+                                           route_timeout_s=20)) as client:
+            text = await client.generate_text(PROMPT, max_new_tokens=12)
+            info = client.last
+    assert text == expected and info.push and info.failovers == 0
+    steps = 12  # the prompt, then one step per new token but the last
+    if carry_bytes:
+        assert answers == Counter({(2, 2): steps})  # one answer per step, carrying two
+    else:
+        assert answers == Counter({(0, 0): steps, (1, 0): steps, (2, 0): steps})
+    hops = pipelines[-1].hops
+    assert [len(h.history) for h in hops] == [steps] * 3  # every hop's inputs, kept
+    assert all(kept.input.codec == "raw" and kept.input.shape[-1] == 64
+               for h in hops[1:] for kept in h.history)
+
+
 async def test_push_and_client_driven_agree_exactly_with_quantized_activations(
     tiny_model: Path, loopback_swarm: Any
 ) -> None:
