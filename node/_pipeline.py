@@ -178,6 +178,7 @@ class Pipeline:
         sent: set[int] = set()
         refused: dict[int, RefusedError] = {}
         driven = not self.push  # the client sends every remaining hop its input itself
+        replaced = False  # a hop was replaced in this step: the hop indices moved
         last: torch.Tensor | None = None
         deadline = trio.current_time() + self.config.step_timeout_s
         while True:
@@ -195,7 +196,7 @@ class Pipeline:
                 pushed_on = {i for i in pushed_on if i < m - 1}
                 sent = {i for i in sent if i < m}
                 refused.clear()
-                driven = True
+                driven = replaced = True
                 deadline = trio.current_time() + self.config.step_timeout_s
                 continue
             if not driven and any(h.failed is not None or i in refused
@@ -226,6 +227,10 @@ class Pipeline:
                 continue
             if reply.step != step:
                 continue  # a stale reply to an earlier (resent or replaced) step
+            if replaced and reply.carried:
+                # From the chain before the replacement: its carried outputs belong to hop
+                # indices that have moved since (and driven steps carry nothing).
+                continue
             try:
                 outputs = self._outputs(index, reply)
             except HopFailedError as exc:
