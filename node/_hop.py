@@ -26,7 +26,7 @@ import trio
 
 from node._errors import HopFailedError, RefusedError, SessionRefusedError
 from node._protocol import PROTOCOL, OpenSession, Refusal, SessionOpened, Step, StepOutput
-from node._tensors import hidden_from_wire
+from node._tensors import check_hidden_wire, hidden_from_wire
 from p2p import (
     Host,
     Message,
@@ -183,17 +183,27 @@ class RemoteHop:
     def check_output(self, output: Tensor, tokens: int, last_only: bool) -> torch.Tensor:
         """Decode and check an output of this hop (which may have come with another hop's
         answer); `HopFailedError` blames this hop if it is bad."""
-        width = self.vocab_size if self.returns_logits else self.hidden_size
+        width = self._check_shape(output, tokens, last_only)
         try:
-            out = hidden_from_wire(output, max_elements=max(1, tokens) * width)
+            return hidden_from_wire(output, max_elements=max(1, tokens) * width)
         except ShardingError as exc:
             raise self.failure(f"bad output: {exc}") from exc
-        expected_t = 1 if last_only and self.returns_logits else tokens
-        if out.dim() != 3 or out.shape[0] != 1 or out.shape[1] != expected_t \
-                or out.shape[2] != width:
-            raise self.failure(f"output of shape {list(out.shape)}, expected "
-                               f"[1, {expected_t}, {width}]")
-        return out
+
+    def check_kept(self, output: Tensor, tokens: int, last_only: bool) -> None:
+        """`check_output` for an output the client only keeps (the next hop's input): every
+        check, without decoding it where the codec allows."""
+        width = self._check_shape(output, tokens, last_only)
+        try:
+            check_hidden_wire(output, max_elements=max(1, tokens) * width)
+        except ShardingError as exc:
+            raise self.failure(f"bad output: {exc}") from exc
+
+    def _check_shape(self, output: Tensor, tokens: int, last_only: bool) -> int:
+        width = self.vocab_size if self.returns_logits else self.hidden_size
+        expected = [1, 1 if last_only and self.returns_logits else tokens, width]
+        if list(output.shape) != expected:
+            raise self.failure(f"output of shape {list(output.shape)}, expected {expected}")
+        return width
 
     def aclose(self) -> None:
         """Let `run` leave its session (a clean goodbye to the server)."""

@@ -236,19 +236,21 @@ class Pipeline:
             except HopFailedError as exc:
                 self.hops[index].failed = exc
                 continue
+            final = len(self.hops) - 1
             for i, output in outputs:
                 if i in have:
                     continue  # already in (a duplicate, or a resent step's first answer)
-                try:
-                    decoded = self.hops[i].check_output(output, tokens, last_only)
+                try:  # only the last hop's output is read here; the others are kept
+                    if i == final:
+                        last = self.hops[i].check_output(output, tokens, last_only)
+                    else:
+                        self.hops[i].check_kept(output, tokens, last_only)
                 except HopFailedError as exc:  # blames the hop that produced it
                     self.hops[i].failed = exc
                     break
                 have[i] = output
                 if i < index or reply.pushed:
                     pushed_on.add(i)
-                if i == len(self.hops) - 1:
-                    last = decoded
         for i, h in enumerate(self.hops):
             h.history.append(Kept(step, position, payload if i == 0 else have[i - 1]))
         if last is None:  # unreachable: the loop ends only with the last hop's output
@@ -304,12 +306,13 @@ class Pipeline:
                 raise _Restart(hop, exc) from exc
             for i, output in outputs:
                 try:
-                    decoded = self.hops[i].check_output(output, kept.input.shape[1], last_only)
+                    if i == n - 1 and kept is steps[-1]:
+                        last = self.hops[i].check_output(output, kept.input.shape[1], last_only)
+                    else:
+                        self.hops[i].check_kept(output, kept.input.shape[1], last_only)
                 except HopFailedError as exc:  # blames the hop that produced it
                     raise _Restart(self.hops[i], exc) from exc
                 have[(kept.step, i)] = output
-                if i == n - 1 and kept is steps[-1]:
-                    last = decoded
         for kept in steps:
             for i, hop in enumerate(self.hops):
                 hop.history.append(Kept(kept.step, kept.position, kept.input if i == 0
@@ -400,7 +403,7 @@ class Pipeline:
                 continue
             if isinstance(reply, Refusal):
                 raise hop.failure(f"refused a replayed step: {reply.code}: {reply.detail}")
-            hop.check_output(reply.output, tokens, hop.returns_logits)
+            hop.check_kept(reply.output, tokens, hop.returns_logits)
             return reply
 
     async def _reopen(self, hop: RemoteHop, error: Exception) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from p2p import Tensor
-from sharding import Encoded, ShardingError, decode, encode
+from sharding import Encoded, ShardingError, check_encoded, decode, encode
 
 
 def hidden_to_wire(x: torch.Tensor, codec: str) -> Tensor:
@@ -24,6 +24,12 @@ def ids_to_wire(ids: torch.Tensor) -> Tensor:
 def hidden_from_wire(t: Tensor, *, max_elements: int) -> torch.Tensor:
     """Decode a float tensor; raises `ShardingError` (a `CodecError`) on anything bad."""
     return decode(Encoded(codec=t.codec, dtype=t.dtype, shape=t.shape, payload=t.payload),
+                  max_elements=max_elements)
+
+
+def check_hidden_wire(t: Tensor, *, max_elements: int) -> None:
+    """Every check `hidden_from_wire` makes, without decoding where the codec allows."""
+    check_encoded(Encoded(codec=t.codec, dtype=t.dtype, shape=t.shape, payload=t.payload),
                   max_elements=max_elements)
 
 

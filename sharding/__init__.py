@@ -6,7 +6,16 @@ import sharding._openblas  # noqa: F401
 # isort: split
 
 from sharding._checkpoint import Checkpoint, TensorInfo
-from sharding._codecs import BLOCK, CODECS, Encoded, decode, encode, error_bound, payload_size
+from sharding._codecs import (
+    BLOCK,
+    CODECS,
+    Encoded,
+    check_encoded,
+    decode,
+    encode,
+    error_bound,
+    payload_size,
+)
 from sharding._config import ModelConfig, RopeScaling
 from sharding._errors import (
     CheckpointError,
@@ -51,6 +60,7 @@ __all__ = [
     "Tokenizer",
     "available_cores",
     "compute_dtype",
+    "check_encoded",
     "decode",
     "encode",
     "error_bound",

@@ -78,8 +78,18 @@ def encode(x: torch.Tensor, codec: str) -> Encoded:
     return Encoded(codec, dtype, shape, payload)
 
 
-def decode(enc: Encoded, *, max_elements: int = 1 << 26) -> torch.Tensor:
-    """Decode to a tensor of `enc.dtype` and `enc.shape`, after checking sizes and values."""
+def check_encoded(enc: Encoded, *, max_elements: int = 1 << 26) -> None:
+    """Every check `decode` makes, without building the tensor where it can (an `int8-block`
+    row passed on unread costs its scales, not a dequantization)."""
+    if enc.codec != "int8-block" or DTYPES.get(enc.dtype) == torch.float16:
+        decode(enc, max_elements=max_elements)  # values must be read (or may overflow)
+        return
+    n = _checked_size(enc, max_elements)
+    _checked_scales(enc.payload, -(-n // BLOCK))
+
+
+def _checked_size(enc: Encoded, max_elements: int) -> int:
+    """The element count, after checking the shape, the cap and the payload's length."""
     if not all(isinstance(d, int) and d >= 0 for d in enc.shape):
         raise CodecError(f"malformed shape {enc.shape!r}")
     n = math.prod(enc.shape)
@@ -91,13 +101,25 @@ def decode(enc: Encoded, *, max_elements: int = 1 << 26) -> torch.Tensor:
             f"{enc.codec} payload is {len(enc.payload)} bytes, expected {expected} for "
             f"{enc.dtype} {list(enc.shape)}"
         )
+    return n
+
+
+def _checked_scales(payload: bytes, nb: int) -> np.ndarray:
+    """An `int8-block` payload's scales as float32; each must be finite and >= 0."""
+    scales = np.frombuffer(payload, dtype=np.float16, count=nb).astype(np.float32)
+    # min >= 0 is False for NaN; max < inf rules out inf.
+    if nb and not (scales.min() >= 0 and scales.max() < np.inf):
+        raise CodecError("int8-block payload has a negative or non-finite scale")
+    return scales
+
+
+def decode(enc: Encoded, *, max_elements: int = 1 << 26) -> torch.Tensor:
+    """Decode to a tensor of `enc.dtype` and `enc.shape`, after checking sizes and values."""
+    n = _checked_size(enc, max_elements)
     out_dtype = DTYPES[enc.dtype]
     if enc.codec == "int8-block":  # numpy, for the same reason as `_quantize`
         nb = -(-n // BLOCK)
-        scales = np.frombuffer(enc.payload, dtype=np.float16, count=nb).astype(np.float32)
-        # min >= 0 is False for NaN; max < inf rules out inf.
-        if nb and not (scales.min() >= 0 and scales.max() < np.inf):
-            raise CodecError("int8-block payload has a negative or non-finite scale")
+        scales = _checked_scales(enc.payload, nb)
         values = np.frombuffer(enc.payload, dtype=np.int8, offset=2 * nb)
         if n % BLOCK:
             padded = np.zeros(nb * BLOCK, dtype=np.int8)

@@ -9,7 +9,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sharding import BLOCK, CODECS, CodecError, Encoded, decode, encode, error_bound, payload_size
+from sharding import (
+    BLOCK,
+    CODECS,
+    CodecError,
+    Encoded,
+    check_encoded,
+    decode,
+    encode,
+    error_bound,
+    payload_size,
+)
 
 shapes = st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple)
 finite = st.floats(min_value=-1e5, max_value=1e5, allow_nan=False, width=32)
@@ -84,6 +94,26 @@ def test_decoding_random_payloads_never_yields_non_finite_values(
     except CodecError:
         return
     assert bool(torch.isfinite(y).all())
+
+
+@settings(max_examples=300, deadline=None)
+@given(codec=st.sampled_from(CODECS), dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
+       shape=shapes, cut=st.integers(0, 2), data=st.data())
+def test_checking_without_decoding_refuses_exactly_what_decoding_refuses(
+    codec: str, dtype: str, shape: tuple[int, ...], cut: int, data: st.DataObject
+) -> None:
+    """`check_encoded` (which skips the dequantization) agrees with `decode` on every payload:
+    random bytes (NaN, inf and negative scales among them), and lengths cut short."""
+    size = payload_size(codec, dtype, shape)
+    payload = data.draw(st.binary(min_size=size, max_size=size))[: max(0, size - cut)]
+    enc = Encoded(codec, dtype, shape, payload)
+    try:
+        decode(enc, max_elements=40)
+    except CodecError:
+        with pytest.raises(CodecError):
+            check_encoded(enc, max_elements=40)
+    else:
+        check_encoded(enc, max_elements=40)
 
 
 @pytest.mark.parametrize("codec", CODECS)
