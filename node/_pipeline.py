@@ -5,13 +5,13 @@ Theory of operation
 A `Pipeline` owns the sessions of one generation (one `RemoteHop` per hop of the route) and
 runs each forward step across them. It is the single consumer of the hops' `HopEvent`s.
 
-*Push* (the default when every link works): the hops are opened, each told its successor,
-and a step is sent to the first hop only; each hop forwards its output to the next, and every
-hop's output also comes back here — a decode step's along the chain, all in the last hop's
-answer, a prompt's as a copy from each hop (`node/_service.py`). A token then crosses one leg
-per hop plus one back, instead of two per hop. *Client-driven*: the client sends every hop its
-input itself. Both modes can mix within one step: when a hop says it did not push
-(`pushed=False`), the client sends the next hop that output itself.
+*Push* (the default when every link works): the hops are opened, each told its successor, and a
+step is sent to the first hop only; each hop forwards its output to the next, and every hop's
+output also comes back here — small ones (a decode step's) along the chain, all in the last
+hop's answer, large ones (a long prompt's) as a copy from each hop (`node/_service.py`). A
+token then crosses one leg per hop plus one back, instead of two per hop. *Client-driven*: the
+client sends every hop its input itself. Both modes can mix within one step: when a hop says it
+did not push (`pushed=False`), the client sends the next hop that output itself.
 
 Every hop's output arrives here either way; it is checked (blaming the hop that produced it)
 and kept as the next hop's input history. A step is done when the last hop's output is in.

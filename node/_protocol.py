@@ -18,9 +18,9 @@ accepts it only from the declared predecessor (waiting a moment for that session
 is then computed by the first hop, forwarded as a `Step` on the push stream, and so on down the
 chain. The client keeps every hop's output (the next hop's input, which a replacement replays
 after a failure): small outputs ride along the chain (`relay`, `carried`) and arrive with the
-last hop's `StepOutput`, one message per token; large ones (a prompt's) come straight back from
-each hop as a copy (`pushed=True`), beside the next hop's compute. A hop that could not push
-answers the client with `pushed=False`, and the client drives the next hop itself.
+last hop's `StepOutput`, one message per token; large ones (a long prompt's) come straight back
+from each hop as a copy (`pushed=True`), beside the next hop's compute. A hop that could not
+push answers the client with `pushed=False`, and the client drives the next hop itself.
 
 Token ids travel as an int64 `raw` tensor (B=1, T); hidden states as (1, T, C) in the
 session's codec; logits as (1, T or 1, V) `raw`. Everything is validated by the p2p message
