@@ -13,7 +13,7 @@ import trio
 
 from devnet import Devnet
 from node._client import Client, ClientConfig
-from node._daemon import NodeConfig, should_pack
+from node._daemon import NodeConfig, default_prefill_threads, should_pack
 from node._errors import NodeError
 from node._node_cli import add_node_parser, config_from_args
 
@@ -76,6 +76,15 @@ def test_a_packed_copy_is_held_only_with_memory_to_spare(tmp_path: Path) -> None
         parse("run", "--data-dir", "/d", "--packed-weights", "maybe")
     with pytest.raises(ValueError, match="packed_weights"):
         NodeConfig(data_dir=tmp_path, packed_weights="yes")
+
+
+def test_prefill_threads_default_to_the_cores_this_process_may_use(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A container or `taskset` that allows two cores of a 16-core host.
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5}, raising=False)
+    assert default_prefill_threads(1) == 2
+    assert default_prefill_threads(3) == 3  # never fewer than the decode threads
 
 
 def _processes_mentioning(text: str) -> list[int]:
