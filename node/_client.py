@@ -262,7 +262,7 @@ class Client:
         except RefusedError as exc:
             raise GenerationError(str(exc)) from exc
         finally:
-            pipeline.close()
+            await pipeline.aclose()
             if head is not None:
                 head.users -= 1
         self._measured(info)

@@ -2,9 +2,11 @@
 
 Theory of operation: `RemoteHop.run` is a task in the client's nursery that opens the session
 stream, sends `OpenSession`, reports itself started, and then reads the hop's replies until
-`aclose()`. It does not wait for `SessionOpened`: the first step goes right behind the open,
-so opening a route costs no round trip of its own, and the server's answer (`SessionOpened`,
-or a refusal, which becomes a `SessionRefusedError`) is simply the first reply read.
+`aclose()`, when it sends `CloseSession` and waits (bounded) for `SessionClosed`: `done` is set
+once the server has freed the session, or once the stream is gone. It does not wait for
+`SessionOpened`: the first step goes right behind the open, so opening a route costs no round
+trip of its own, and the server's answer (`SessionOpened`, or a refusal, which becomes a
+`SessionRefusedError`) is simply the first reply read.
 
 Every reply — a `StepOutput`, a `Refusal`, or the error that ended the stream — goes, tagged
 with the hop, into one channel shared by all hops of a pipeline. The pipeline is the single
@@ -25,7 +27,16 @@ import torch
 import trio
 
 from node._errors import HopFailedError, RefusedError, SessionRefusedError
-from node._protocol import PROTOCOL, OpenSession, Refusal, SessionOpened, Step, StepOutput
+from node._protocol import (
+    PROTOCOL,
+    CloseSession,
+    OpenSession,
+    Refusal,
+    SessionClosed,
+    SessionOpened,
+    Step,
+    StepOutput,
+)
 from node._tensors import check_hidden_wire, hidden_from_wire
 from p2p import (
     Host,
@@ -41,6 +52,9 @@ from sharding import ShardingError
 
 if TYPE_CHECKING:  # trio-typing's stubs (pulled in by libp2p) shadow trio's own annotations
     from trio_typing import TaskStatus
+
+
+CLOSE_TIMEOUT_S = 2.0  # for the server's `SessionClosed` (a dead one is simply left behind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +111,8 @@ class RemoteHop:
         self.failed: HopFailedError | None = None
         self._events = events
         self._closed = trio.Event()
+        self.done = trio.Event()  # `run` is over: the session stream is closed
+        self._acked = trio.Event()  # the server answered `CloseSession`
 
     @property
     def peer_id(self) -> str:
@@ -129,6 +145,8 @@ class RemoteHop:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read, session, nursery.cancel_scope)
                     await self._closed.wait()
+                    if self.failed is None:
+                        await self._close_session(session)
                     nursery.cancel_scope.cancel()
         except P2PError as exc:
             if self.session is None:
@@ -136,12 +154,28 @@ class RemoteHop:
             self._report(self.failure(str(exc)))
         finally:
             self.session = None
+            self.done.set()
+
+    async def _close_session(self, session: SessionStream) -> None:
+        """Ask the server to free the session and wait (bounded) until it says it has: the
+        generation then ends with its sessions gone, not tearing down into the next one."""
+        with trio.move_on_after(CLOSE_TIMEOUT_S):
+            try:
+                await session.send(CloseSession(session_id=self.session_id))
+            except P2PError:
+                return
+            await self._acked.wait()
 
     async def _read(self, session: SessionStream, scope: trio.CancelScope) -> None:
         try:
             self._opened(await session.receive())
             while True:
                 reply = await session.receive()
+                if isinstance(reply, SessionClosed) and reply.session_id == self.session_id:
+                    self._acked.set()
+                    return
+                if self._closed.is_set():
+                    continue  # the generation is over: late replies have no reader
                 if isinstance(reply, StepOutput | Refusal):
                     self._events.send_nowait(HopEvent(self, reply=reply))
                 else:

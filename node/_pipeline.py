@@ -44,7 +44,7 @@ import torch
 import trio
 
 from node._errors import GenerationError, HopFailedError, RefusedError, SessionRefusedError
-from node._hop import HopEvent, Kept, RemoteHop
+from node._hop import CLOSE_TIMEOUT_S, HopEvent, Kept, RemoteHop
 from node._local import LocalStages, SharedHead
 from node._protocol import Refusal, StepOutput
 from node._routing import Hop, Route
@@ -133,6 +133,15 @@ class Pipeline:
     def close(self) -> None:
         for hop in self.hops:
             hop.aclose()
+
+    async def aclose(self) -> None:
+        """Close every hop and wait (bounded) until their servers have freed the sessions:
+        on two vCPUs, four processes tearing sessions down while the next generation opens
+        its route slowed its first token (back-to-back 1-token generations, embedded model)."""
+        self.close()
+        with trio.move_on_after(CLOSE_TIMEOUT_S):
+            for hop in self.hops:
+                await hop.done.wait()
 
     # -- stepping ----------------------------------------------------------------------------
 

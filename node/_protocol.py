@@ -6,6 +6,11 @@ A client opens one session stream per hop and speaks:
     client -> Step (position, input) server -> StepOutput | Refusal
     ...                              (a Refusal to a step leaves the session usable unless the
                                       stream is then closed by the server)
+    client -> CloseSession           server -> SessionClosed (once the KV cache is freed)
+
+A client that leaves without `CloseSession` (a dropped stream) frees the session all the same;
+the acknowledged close lets a client know its sessions are gone before it returns, so their
+teardown does not run into its next generation.
 
 The client need not wait for `SessionOpened` before its first step (it does not): a server
 reads a stream's messages in order, and a refused session drops the steps behind it.
@@ -133,6 +138,26 @@ class StepOutput(Message):
     def validate(self, limits: WireLimits) -> None:
         if len(self.carried) > MAX_CARRIED:
             raise ValueError(f"at most {MAX_CARRIED} carried outputs")
+
+
+@message("shardnet.CloseSession", 1)
+@dataclass(frozen=True, slots=True)
+class CloseSession(Message):
+    """End the session: free its KV cache, then answer `SessionClosed`."""
+
+    session_id: bytes
+
+    def validate(self, limits: WireLimits) -> None:
+        if len(self.session_id) != SESSION_ID_BYTES:
+            raise ValueError(f"session_id must be {SESSION_ID_BYTES} bytes")
+
+
+@message("shardnet.SessionClosed", 1)
+@dataclass(frozen=True, slots=True)
+class SessionClosed(Message):
+    """The session's KV cache is freed; nothing more of it will be sent."""
+
+    session_id: bytes
 
 
 @message("shardnet.PushOpen", 1)

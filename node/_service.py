@@ -3,9 +3,10 @@
 The p2p layer gives each inbound stream a `SessionStream` (framing, heartbeats, flow control);
 this handler speaks the inference protocol on it. A stream starts with either
 
-* `OpenSession` from a client: the session's KV cache lives exactly as long as this stream.
-  Whatever ends it — the client's close, a dead or frozen client declared dead by heartbeats,
-  a protocol violation, the node shutting down — the `finally` frees it. The node answers
+* `OpenSession` from a client: the session's KV cache lives at most as long as this stream.
+  Whatever ends it — the client's `CloseSession` (answered with `SessionClosed` once the cache
+  is freed), the stream's close, a dead or frozen client declared dead by heartbeats, a
+  protocol violation, the node shutting down — the `finally` frees it. The node answers
   `SessionOpened` at once; a client does not wait for it either, and sends its first step
   right behind `OpenSession` (opening a route costs no round trip of its own). When the
   client names a successor, a task opens the push stream to it meanwhile, writing `PushOpen`
@@ -38,9 +39,11 @@ import trio
 from node._errors import RefusedError
 from node._protocol import (
     PROTOCOL,
+    CloseSession,
     OpenSession,
     PushOpen,
     Refusal,
+    SessionClosed,
     SessionOpened,
     Step,
 )
@@ -142,6 +145,7 @@ async def _serve_client(worker: SpanWorker, session: SessionStream, request: Ope
     table = _SERVED.setdefault(worker, _Table())
     table.add(request.session_id, served)
     pushing = bool(request.successor) and host is not None
+    asked = False
     try:
         async with trio.open_nursery() as nursery:
             if pushing and host is not None:
@@ -152,7 +156,7 @@ async def _serve_client(worker: SpanWorker, session: SessionStream, request: Ope
                 await session.send(SessionOpened(
                     session_id=request.session_id, pushing=pushing,
                     dtype=str(worker.span.dtype).removeprefix("torch.")))
-                await _serve_steps(worker, served, session, sid, peer)
+                asked = await _serve_steps(worker, served, session, sid, peer)
             except P2PError as exc:  # caught here: a nursery would wrap it in a group
                 logger.info("session %s from %s ended: %s", sid, peer, exc)
             nursery.cancel_scope.cancel()  # the session is over: drop the push stream
@@ -161,16 +165,21 @@ async def _serve_client(worker: SpanWorker, session: SessionStream, request: Ope
         table.sessions.pop(request.session_id, None)
         worker.close(request.session_id)
         logger.info("session %s closed; %d open", sid, len(worker.sessions))
+    if asked:
+        await session.send(SessionClosed(session_id=request.session_id))
 
 
 async def _serve_steps(worker: SpanWorker, served: _Served, session: SessionStream, sid: str,
-                       peer: str) -> None:
-    """The client's steps, in order, until it closes the stream."""
+                       peer: str) -> bool:
+    """The client's steps, in order, until it closes the session (True: by `CloseSession`,
+    to be acknowledged once the cache is freed) or the stream (False)."""
     while True:
         try:
             msg = await session.receive()
         except StreamClosedError:
-            return
+            return False
+        if isinstance(msg, CloseSession) and msg.session_id == served.ws.session_id:
+            return True
         if not isinstance(msg, Step):
             await session.send(Refusal(code="bad-request",
                                        detail=f"unexpected {msg.wire_name} in a session"))

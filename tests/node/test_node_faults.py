@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,16 @@ import trio.lowlevel
 
 from node import GenerationError
 from node._client import Client, ClientConfig
-from node._protocol import PROTOCOL, OpenSession, Refusal, SessionOpened, Step, StepOutput
+from node._protocol import (
+    PROTOCOL,
+    CloseSession,
+    OpenSession,
+    Refusal,
+    SessionClosed,
+    SessionOpened,
+    Step,
+    StepOutput,
+)
 from node._sampling import SamplingParams
 from node._tensors import hidden_to_wire, ids_to_wire
 from node._textgen import LocalModel
@@ -114,6 +124,42 @@ async def test_sessions_are_freed_when_a_client_vanishes_mid_generation(
                 for w in workers:
                     await w.wait_idle()
             assert all(w.statistics().cache_tokens_reserved == 0 for w in workers)
+
+
+async def test_a_generation_returns_once_every_hop_has_freed_its_session(
+    tiny_model: Path, loopback_swarm: Any
+) -> None:
+    with trio.fail_after(60):
+        async with loopback_swarm(tiny_model, ["0:3", "3:6"]) as net:
+            workers = [n.worker for n in net.nodes]
+            async with Client(bootstrap=[net.bootstrap], model=tiny_model) as client:
+                for push in ("on", "off"):
+                    client.config = dataclasses.replace(client.config, push=push)
+                    held = []
+                    async for _ in client.generate(PROMPT, max_new_tokens=8):
+                        held.append(sum(len(w.sessions) for w in workers))
+                    # No polling: the close is acknowledged before `generate` ends.
+                    assert min(held) == 2, push
+                    assert [len(w.sessions) for w in workers] == [0, 0], push
+                    assert all(w.statistics().cache_tokens_reserved == 0 for w in workers)
+            # The acknowledgement, on the wire: `SessionClosed` comes after the cache is freed.
+            node = net.nodes[0]
+            cfg = HostConfig(listen_addrs=("/ip4/127.0.0.1/tcp/0",), enable_mdns=False,
+                             enable_dht=False, enable_pubsub=False)
+            async with open_host(Identity.generate(), cfg) as host:
+                await host.connect_peer(node.host.peer_id, [
+                    a.rsplit("/p2p/", 1)[0] for a in node.host.listen_addrs()])
+                async with host.open_session(node.host.peer_id, PROTOCOL) as s:
+                    sid = secrets.token_bytes(16)
+                    await s.send(OpenSession(session_id=sid, model_id=node.worker.model_id,
+                                             start=0, end=3, max_length=16, codec="raw"))
+                    assert isinstance(await s.receive(), SessionOpened)
+                    assert len(node.worker.sessions) == 1
+                    await s.send(CloseSession(session_id=secrets.token_bytes(16)))  # not ours
+                    assert isinstance(await s.receive(), Refusal)
+                    await s.send(CloseSession(session_id=sid))
+                    assert await s.receive() == SessionClosed(session_id=sid)
+                    assert len(node.worker.sessions) == 0
 
 
 async def test_a_refusing_node_gives_a_one_line_error(
