@@ -64,6 +64,7 @@ from p2p._messages import (
 )
 from p2p._peer_exchange import PEX, PeerBook, PeerExchangeReply, PeerExchangeRequest, PeerRecord
 from p2p._peer_id import InvalidPeerIdError, PeerId
+from p2p._pool import Lease, SessionPool, open_session_pool
 from p2p._pubsub import GossipConfig, GossipMessage, PubSub, Subscription, TopicValidator
 from p2p._rpc import RpcHandler, RpcRefusal, RpcSpec, rpc_request, serve_rpc_stream
 from p2p._session import SessionConfig, SessionStatistics, SessionStream, session_context
@@ -103,6 +104,7 @@ __all__ = [
     "INT8_BLOCK",
     "InvalidPeerIdError",
     "Libp2pByteStream",
+    "Lease",
     "Liveness",
     "LocalProtocolError",
     "MAX_ANNOUNCE_TTL",
@@ -110,6 +112,7 @@ __all__ = [
     "message",
     "NEED_DATA",
     "open_host",
+    "open_session_pool",
     "P2PError",
     "parse_peer_addr",
     "PeerBook",
@@ -132,6 +135,7 @@ __all__ = [
     "RpcSpec",
     "RpcTimeoutError",
     "serve_rpc_stream",
+    "SessionPool",
     "session_context",
     "SessionConfig",
     "SessionEvent",
