@@ -38,6 +38,7 @@ from node._errors import GenerationError, HopFailedError, RefusedError
 from node._generate import Forward, GenerationStats, generate_ids, stream_text
 from node._local import LocalStages, SharedHead
 from node._pipeline import Pipeline, prefer_push
+from node._protocol import PROTOCOL
 from node._routing import (
     BanList,
     NoRouteError,
@@ -49,7 +50,7 @@ from node._routing import (
 from node._sampling import Sampler, SamplingParams
 from node._snapshots import PeerSnapshot
 from node._textgen import eos_id
-from p2p import Host, HostConfig, Identity, open_host
+from p2p import Host, HostConfig, Identity, SessionConfig, SessionPool, open_host, open_session_pool
 from sharding import EMBEDDED_MODEL, Checkpoint, ModelConfig, Span, Tokenizer, available_cores
 
 
@@ -91,10 +92,15 @@ class ClientConfig:
     prefill_chunk: int = 128
     link_delay_s: float = 0.0
     link_bandwidth_bps: float = 0.0
+    # Session streams to peers are kept this long after a generation for the next one (a
+    # stream's open and teardown cost both ends CPU); 0 opens new ones every generation.
+    keep_streams_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.push not in ("auto", "on", "off"):
             raise ValueError("push must be 'auto', 'on' or 'off'")
+        if self.keep_streams_s < 0:
+            raise ValueError("keep_streams_s must be >= 0")
         if self.prefill_chunk < 0:
             raise ValueError("prefill_chunk must be >= 0 (0 = never chunk)")
 
@@ -153,6 +159,7 @@ class Client:
         self._head: SharedHead | None = None
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
+        self.streams: SessionPool | None = None  # kept session streams (`keep_streams_s`)
         self.bans = BanList()
         # Seconds per decoded token, by whether the generation pushed (for `push="auto"`).
         self._latency: dict[bool, float] = {}
@@ -183,6 +190,10 @@ class Client:
                 head = await trio.to_thread.run_sync(Span.load, self._checkpoint, n - 1, n)
                 self._head = SharedHead(head, limiter=self.limiter,
                                         threads=self.config.threads or available_cores())
+            if self.config.keep_streams_s > 0:  # entered first, left after the hops' nursery
+                self.streams = await stack.enter_async_context(open_session_pool(
+                    self._host, PROTOCOL, config=SessionConfig(dead_after=self.config.dead_after_s),
+                    idle_s=self.config.keep_streams_s))
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             self._stack = stack.pop_all()
         return self

@@ -86,9 +86,10 @@ from p2p import (
     HostConfig,
     Identity,
     SessionConfig,
+    SessionPool,
     SessionStream,
-    StreamClosedError,
     open_host,
+    open_session_pool,
     parse_peer_addr,
 )
 from sharding import EMBEDDED_MODEL, Checkpoint, Span, available_cores, compute_dtype, pick_device
@@ -360,9 +361,11 @@ class RunningNode:
     """
 
     def __init__(self, host: Host, *, announcer: Announcer | None = None,
-                 live: _Live | None = None, wakes: Callable[[], int] | None = None) -> None:
+                 live: _Live | None = None, wakes: Callable[[], int] | None = None,
+                 pushes: SessionPool | None = None) -> None:
         self.host = host
         self.announcer = announcer
+        self.pushes = pushes  # push streams kept between sessions
         self._live = live
         self._wakes = wakes or (lambda: live.wakes if live is not None else 0)
 
@@ -441,17 +444,22 @@ async def run_node(config: NodeConfig, *, role: str = "node", clocks: Clocks | N
         ckpt = await trio.to_thread.run_sync(Checkpoint.open, config.model)
         model_id = await trio.to_thread.run_sync(lambda: ckpt.model_id)
         publish_status(model_id=model_id)
-        async with AnnouncementSwarm.watch(host, model_id) as swarm:
+        from node._protocol import PROTOCOL
+
+        async with AnnouncementSwarm.watch(host, model_id) as swarm, open_session_pool(
+                host, PROTOCOL, config=SessionConfig(dead_after=config.dead_after_s)) as pushes:
             announcer = Announcer(host, identity, model_id=model_id, version=VERSION,
                                   ttl_s=config.announce_ttl_s)
             server = _Server(config=config, host=host, ckpt=ckpt, model_id=model_id,
                              swarm=swarm, announcer=announcer, publish_status=publish_status)
+            server.pushes = pushes
             await server.start(stop)
             if stop.is_set():
                 publish_status(state="stopped")
                 nursery.cancel_scope.cancel()
                 return
-            task_status.started(RunningNode(host, announcer=announcer, live=server.live))
+            task_status.started(RunningNode(host, announcer=announcer, live=server.live,
+                                            pushes=pushes))
             async with trio.open_nursery() as inner:
                 inner.start_soon(announcer.keep_publishing, server.announcement,
                                  config.announce_interval_s)
@@ -482,6 +490,7 @@ class _Server:
         self.num_stages = ckpt.config.num_stages
         self.costs = stage_costs(ckpt, config)
         self.live = _Live(worker=None, start=0, end=self.num_stages, throughput=0.0)
+        self.pushes: SessionPool | None = None  # push streams kept between sessions
         self.rng = random.Random()
         self._hold_moves_until = -math.inf
 
@@ -558,20 +567,10 @@ class _Server:
                     ", packed copy for batches" if span.packed else "")
 
     async def _handle(self, session: SessionStream) -> None:
-        worker = self.live.worker
-        if worker is not None:
-            await serve_inference(worker, session, host=self.host)
-            return
-        # Moving: the old span is gone and the new one is loading. Answer the way a draining
-        # worker does, so the client retries elsewhere.
-        from node._protocol import Refusal
-
-        try:
-            await session.receive()
-        except StreamClosedError:
-            return
-        await session.send(Refusal(code="closing", detail="this node is moving to another span",
-                                   retryable=True))
+        # The worker of the moment, per session: a kept stream outlives a move to another
+        # span, and while the new span loads, sessions are refused as retryable.
+        await serve_inference(lambda: self.live.worker, session, host=self.host,
+                              pushes=self.pushes)
 
     # -- moving ---------------------------------------------------------------------------------
 

@@ -20,6 +20,8 @@ hop can be replaced without disturbing the others.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,10 +42,12 @@ from node._protocol import (
 from node._tensors import check_hidden_wire, hidden_from_wire
 from p2p import (
     Host,
+    Lease,
     Message,
     P2PError,
     PeerId,
     SessionConfig,
+    SessionPool,
     SessionStream,
     Tensor,
     parse_peer_addr,
@@ -87,6 +91,7 @@ class RemoteHop:
                  hidden_size: int, vocab_size: int, num_stages: int,
                  session_config: SessionConfig,
                  events: trio.MemorySendChannel[HopEvent],
+                 pool: SessionPool | None = None,
                  successor: tuple[tuple[str, ...], bytes] | None = None,
                  predecessor: str = "") -> None:
         self.host = host
@@ -101,6 +106,7 @@ class RemoteHop:
         self.vocab_size = vocab_size
         self.returns_logits = end == num_stages
         self.session_config = session_config
+        self.pool = pool
         self.successor = successor
         self.predecessor = predecessor
         # The server pushes to the successor: assumed from the open on, until `SessionOpened`
@@ -132,8 +138,8 @@ class RemoteHop:
         try:
             if self.addrs and not self.host.is_connected(self.peer):
                 await self.host.connect_peer(self.peer, _transports(self.peer, self.addrs))
-            async with self.host.open_session(self.peer, PROTOCOL,
-                                              config=self.session_config) as session:
+            async with self._stream() as lease:
+                session = lease.session
                 await session.send(OpenSession(
                     session_id=self.session_id, model_id=self.model_id, start=self.start,
                     end=self.end, max_length=self.max_length, codec=self.codec,
@@ -148,6 +154,7 @@ class RemoteHop:
                     if self.failed is None:
                         await self._close_session(session)
                     nursery.cancel_scope.cancel()
+                lease.reusable = self._acked.is_set()  # nothing of this session in flight
         except P2PError as exc:
             if self.session is None:
                 raise self.failure(str(exc)) from exc
@@ -155,6 +162,17 @@ class RemoteHop:
         finally:
             self.session = None
             self.done.set()
+
+    @asynccontextmanager
+    async def _stream(self) -> AsyncIterator[Lease]:
+        """A session stream to the peer: a kept one from the pool when there is one."""
+        if self.pool is not None:
+            async with self.pool.lease(self.peer) as lease:
+                yield lease
+            return
+        async with self.host.open_session(self.peer, PROTOCOL,
+                                          config=self.session_config) as session:
+            yield Lease(session, reused=False)
 
     async def _close_session(self, session: SessionStream) -> None:
         """Ask the server to free the session and wait (bounded) until it says it has: the

@@ -111,7 +111,7 @@ class Pipeline:
                 max_length=self.max_length, codec=self.config.codec, session_id=ids[i],
                 hidden_size=c.hidden_size, vocab_size=c.vocab_size, num_stages=c.num_stages,
                 session_config=SessionConfig(dead_after=self.config.dead_after_s),
-                events=self._send.clone(), successor=successor,
+                events=self._send.clone(), pool=client.streams, successor=successor,
                 predecessor=route.hops[i - 1].peer_id if push and i > 0 else ""))
         failures: list[HopFailedError] = []
 

@@ -10,7 +10,9 @@ A client opens one session stream per hop and speaks:
 
 A client that leaves without `CloseSession` (a dropped stream) frees the session all the same;
 the acknowledged close lets a client know its sessions are gone before it returns, so their
-teardown does not run into its next generation.
+teardown does not run into its next generation. After `SessionClosed` the stream may carry the
+next `OpenSession` (or `PushOpen`): clients and pushing nodes keep streams for their next use
+(`p2p.SessionPool`), and a node ends a stream left idle for 30 s.
 
 The client need not wait for `SessionOpened` before its first step (it does not): a server
 reads a stream's messages in order, and a refused session drops the steps behind it.
@@ -21,7 +23,9 @@ its successor and sends `PushOpen(successor_session)`, its steps right behind; t
 accepts it only from the declared predecessor (waiting a moment for that session's own
 `OpenSession`), else answers a `Refusal` and drops the stream. A client `Step` with `push` set
 is then computed by the first hop, forwarded as a `Step` on the push stream, and so on down the
-chain. The client keeps every hop's output (the next hop's input, which a replacement replays
+chain; when the session closes, the hop ends the push stream's use with `CloseSession` too
+(answered `SessionClosed`) and keeps it for its next session to that peer. The client keeps
+every hop's output (the next hop's input, which a replacement replays
 after a failure): small outputs ride along the chain (`relay`, `carried`) and arrive with the
 last hop's `StepOutput`, one message per token; large ones (a long prompt's) come straight back
 from each hop as a copy (`pushed=True`), beside the next hop's compute. A hop that could not

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -50,8 +51,10 @@ from node._protocol import (
 from node._worker import SpanWorker, WorkerSession
 from p2p import (
     Host,
+    Message,
     P2PError,
     PeerId,
+    SessionPool,
     SessionStream,
     StreamClosedError,
     Tensor,
@@ -61,6 +64,11 @@ from p2p import (
 logger = logging.getLogger(__name__)
 
 PUSH_OPEN_TIMEOUT_S = 5.0
+# How long a stream may wait for its next session: longer than a client keeps it idle
+# (`p2p.SessionPool`), so a live node never ends a stream a client is about to use again.
+IDLE_S = 30.0
+# How long the end of a push stream's use may take (the successor answers `CloseSession`).
+PUSH_CLOSE_TIMEOUT_S = 2.0
 # Outputs up to this size ride along the push chain to the client (a decode step's rows);
 # larger ones (a prompt chunk's) go back as copies from each hop, beside the next compute.
 CARRY_BYTES = 1 << 16
@@ -76,6 +84,7 @@ class _Served:
     lock: trio.Lock = field(default_factory=trio.Lock)
     push: SessionStream | None = None
     push_ready: trio.Event = field(default_factory=trio.Event)  # the push stream's open is over
+    ending: trio.Event = field(default_factory=trio.Event)  # closed by the client: end the push
     attached: bool = False
     closed: bool = False
 
@@ -102,41 +111,64 @@ def _refusal(exc: RefusedError, step: int = -1) -> Refusal:
                    step=step)
 
 
-async def serve_inference(worker: SpanWorker, session: SessionStream, *,
-                          host: Host | None = None) -> None:
+async def serve_inference(workers: Callable[[], SpanWorker | None], session: SessionStream, *,
+                          host: Host | None = None, pushes: SessionPool | None = None,
+                          idle_s: float = IDLE_S) -> None:
     """Serve one inbound stream until it ends; never raises on bad input.
 
-    Without `host` the node cannot dial successors and answers push requests with
-    `pushing=False` (the client then drives every hop itself).
+    A stream carries one session or push stream after another as long as each ends cleanly
+    (`CloseSession` answered): clients and predecessors keep streams for their next use
+    (`p2p.SessionPool`), sparing both ends a stream's open and teardown. Each one is served
+    by the worker of the moment (`workers()`; None while the node moves to another span), and
+    the stream ends after `idle_s` without one. Without `host` the node cannot dial
+    successors and answers push requests with `pushing=False` (the client then drives every
+    hop itself); without `pushes` it opens a new push stream for every session.
     """
     peer = str(session.peer)[:16] if session.peer is not None else "?"
-    try:
-        request = await session.receive()
-    except StreamClosedError:
-        return
-    except P2PError as exc:
-        logger.info("stream from %s ended before its first message: %s", peer, exc)
-        return
-    try:
-        if isinstance(request, OpenSession):
-            await _serve_client(worker, session, request, host, peer)
-        elif isinstance(request, PushOpen):
-            await _serve_push(worker, session, request, peer)
-        else:
-            await session.send(Refusal(code="bad-request",
-                                       detail="expected OpenSession or PushOpen first"))
-    except P2PError as exc:
-        logger.info("stream from %s ended: %s", peer, exc)
+    while True:
+        try:
+            with trio.move_on_after(idle_s):
+                request = await session.receive()
+            if request is None:
+                return  # idle: the stream ends with a goodbye
+        except StreamClosedError:
+            return
+        except P2PError as exc:
+            logger.info("stream from %s ended between sessions: %s", peer, exc)
+            return
+        try:
+            again = await _serve_request(workers(), session, request, host, pushes, peer)
+        except P2PError as exc:
+            logger.info("stream from %s ended: %s", peer, exc)
+            return
+        if not again:
+            return
+
+
+async def _serve_request(worker: SpanWorker | None, session: SessionStream, request: Message,
+                         host: Host | None, pushes: SessionPool | None, peer: str) -> bool:
+    """One session or push stream; True when it ended cleanly and the stream may go on."""
+    if worker is None:
+        await session.send(Refusal(code="closing", retryable=True,
+                                   detail="this node is moving to another span"))
+        return False
+    if isinstance(request, OpenSession):
+        return await _serve_client(worker, session, request, host, pushes, peer)
+    if isinstance(request, PushOpen):
+        return await _serve_push(worker, session, request, peer)
+    await session.send(Refusal(code="bad-request",
+                               detail="expected OpenSession or PushOpen first"))
+    return False
 
 
 async def _serve_client(worker: SpanWorker, session: SessionStream, request: OpenSession,
-                        host: Host | None, peer: str) -> None:
+                        host: Host | None, pushes: SessionPool | None, peer: str) -> bool:
     try:
         ws = worker.open(request)
     except RefusedError as exc:
         logger.info("refused session from %s: %s", peer, exc)
         await session.send(_refusal(exc))
-        return
+        return False
     sid = request.session_id.hex()[:8]
     logger.info("session %s from %s: stages [%d, %d), max_length %d, codec %s%s", sid, peer,
                 request.start, request.end, request.max_length, request.codec,
@@ -149,7 +181,7 @@ async def _serve_client(worker: SpanWorker, session: SessionStream, request: Ope
     try:
         async with trio.open_nursery() as nursery:
             if pushing and host is not None:
-                nursery.start_soon(_hold_push, host, served, request, sid)
+                nursery.start_soon(_hold_push, host, pushes, served, request, sid)
             else:
                 served.push_ready.set()
             try:
@@ -159,7 +191,10 @@ async def _serve_client(worker: SpanWorker, session: SessionStream, request: Ope
                 asked = await _serve_steps(worker, served, session, sid, peer)
             except P2PError as exc:  # caught here: a nursery would wrap it in a group
                 logger.info("session %s from %s ended: %s", sid, peer, exc)
-            nursery.cancel_scope.cancel()  # the session is over: drop the push stream
+            if asked:
+                served.ending.set()  # the push stream ends its use cleanly, to be kept
+            else:
+                nursery.cancel_scope.cancel()  # the session broke off: drop the push stream
     finally:
         served.closed = True
         table.sessions.pop(request.session_id, None)
@@ -167,6 +202,7 @@ async def _serve_client(worker: SpanWorker, session: SessionStream, request: Ope
         logger.info("session %s closed; %d open", sid, len(worker.sessions))
     if asked:
         await session.send(SessionClosed(session_id=request.session_id))
+    return asked
 
 
 async def _serve_steps(worker: SpanWorker, served: _Served, session: SessionStream, sid: str,
@@ -187,12 +223,15 @@ async def _serve_steps(worker: SpanWorker, served: _Served, session: SessionStre
         await _process(worker, served, msg, sid, peer)
 
 
-async def _hold_push(host: Host, served: _Served, request: OpenSession, sid: str) -> None:
-    """Open the push stream to the successor and hold it until cancelled or refused.
+async def _hold_push(host: Host, pushes: SessionPool | None, served: _Served,
+                     request: OpenSession, sid: str) -> None:
+    """Open the push stream to the successor and hold it until the session ends.
 
     `served.push` is set once `PushOpen` is written (the successor reads it before any step
     behind it) and cleared when the successor refuses or the stream ends; `push_ready` is set
-    either way, so a step never waits past this open.
+    either way, so a step never waits past this open. When the client closed the session
+    (`served.ending`), the push stream's use ends with `CloseSession`, and once the successor
+    answers it goes back to `pushes` for the next session to that peer.
     """
     try:
         peer, transports = _successor(request.successor)
@@ -201,16 +240,12 @@ async def _hold_push(host: Host, served: _Served, request: OpenSession, sid: str
                 await host.connect_peer(peer, transports)
         # Not under the timeout: the session's nursery must not straddle a cancel scope
         # (the host bounds the stream open by its dial timeout).
-        async with host.open_session(peer, PROTOCOL, config=served.client.config) as push:
-            with trio.fail_after(PUSH_OPEN_TIMEOUT_S):
-                await push.send(PushOpen(session_id=request.successor_session))
-            served.push = push
-            served.push_ready.set()
-            reply = await push.receive()
-            if isinstance(reply, SessionOpened):
-                reply = await push.receive()  # nothing more comes unless it refuses a step
-            detail = reply.detail if isinstance(reply, Refusal) else reply.wire_name
-            logger.info("session %s: the successor refused the push stream: %s", sid, detail)
+        if pushes is None:
+            async with host.open_session(peer, PROTOCOL, config=served.client.config) as push:
+                await _use_push(push, served, request, sid)
+        else:
+            async with pushes.lease(peer) as lease:
+                lease.reusable = await _use_push(lease.session, served, request, sid)
     except StreamClosedError:
         pass
     except (P2PError, trio.TooSlowError, ValueError) as exc:
@@ -218,6 +253,54 @@ async def _hold_push(host: Host, served: _Served, request: OpenSession, sid: str
     finally:
         served.push = None
         served.push_ready.set()
+
+
+async def _use_push(push: SessionStream, served: _Served, request: OpenSession,
+                    sid: str) -> bool:
+    """Serve as `served`'s push stream until the session ends; True if it ended cleanly."""
+    with trio.fail_after(PUSH_OPEN_TIMEOUT_S):
+        await push.send(PushOpen(session_id=request.successor_session))
+    served.push = push
+    served.push_ready.set()
+    closed = trio.Event()
+    acked = False
+
+    async def read() -> None:
+        nonlocal acked
+        try:
+            while True:
+                reply = await push.receive()
+                if isinstance(reply, SessionOpened):
+                    continue
+                if isinstance(reply, SessionClosed) \
+                        and reply.session_id == request.successor_session:
+                    acked = True
+                    return
+                detail = reply.detail if isinstance(reply, Refusal) else reply.wire_name
+                logger.info("session %s: the successor refused the push stream: %s", sid,
+                            detail)
+                return
+        except StreamClosedError:
+            pass
+        except P2PError as exc:  # caught here: the nursery would wrap it in a group
+            logger.info("session %s: the push stream broke: %s", sid, exc)
+        finally:
+            if not acked:
+                served.push = None  # later steps answer pushed=False
+            closed.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await served.ending.wait()
+        if not closed.is_set():
+            with trio.move_on_after(PUSH_CLOSE_TIMEOUT_S):
+                try:
+                    await push.send(CloseSession(session_id=request.successor_session))
+                except P2PError:
+                    return False
+                await closed.wait()
+        nursery.cancel_scope.cancel()
+    return acked
 
 
 def _successor(addrs: tuple[str, ...]) -> tuple[PeerId, list[str]]:
@@ -230,7 +313,9 @@ def _successor(addrs: tuple[str, ...]) -> tuple[PeerId, list[str]]:
 
 
 async def _serve_push(worker: SpanWorker, stream: SessionStream, request: PushOpen,
-                      peer: str) -> None:
+                      peer: str) -> bool:
+    """Steps pushed by the session's predecessor; True when it ended the push stream's use
+    with `CloseSession` (answered: the stream may carry another)."""
     # A client opens its hops at once, so the push stream may come before the session.
     table = _SERVED.setdefault(worker, _Table())
     with trio.move_on_after(PUSH_OPEN_TIMEOUT_S):
@@ -243,22 +328,25 @@ async def _serve_push(worker: SpanWorker, stream: SessionStream, request: PushOp
         logger.info("refused a push stream from %s", peer)
         await stream.send(Refusal(code="no-session",
                                   detail="no session here expects pushes from you"))
-        return
+        return False
     served.attached = True
     sid = request.session_id.hex()[:8]
     await stream.send(SessionOpened(session_id=request.session_id,
                                     dtype=str(worker.span.dtype).removeprefix("torch.")))
-    while not served.closed:
+    while True:
         try:
             msg = await stream.receive()
         except StreamClosedError:
-            return
+            return False
+        if isinstance(msg, CloseSession) and msg.session_id == request.session_id:
+            await stream.send(SessionClosed(session_id=request.session_id))
+            return True
         if not isinstance(msg, Step):
             await stream.send(Refusal(code="bad-request",
                                       detail=f"unexpected {msg.wire_name} in a push stream"))
-            return
+            return False
         if served.closed:
-            return
+            return False
         await _process(worker, served, msg, sid, peer, pushed_in=True)
 
 

@@ -160,6 +160,40 @@ async def test_a_generation_returns_once_every_hop_has_freed_its_session(
                     await s.send(CloseSession(session_id=sid))
                     assert await s.receive() == SessionClosed(session_id=sid)
                     assert len(node.worker.sessions) == 0
+                    # The stream carries the next session (clients keep streams for reuse).
+                    sid = secrets.token_bytes(16)
+                    await s.send(OpenSession(session_id=sid, model_id=node.worker.model_id,
+                                             start=0, end=3, max_length=16, codec="raw"))
+                    await s.send(Step(step=0, position=0,
+                                      input=ids_to_wire(torch.tensor([[1, 2]]))))
+                    assert isinstance(await s.receive(), SessionOpened)
+                    assert isinstance(await s.receive(), StepOutput)
+
+
+async def test_streams_are_kept_across_generations_by_clients_and_pushing_nodes(
+    tiny_model: Path, loopback_swarm: Any
+) -> None:
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    expected = "".join([p async for p in LocalModel(tiny_model).generate(PROMPT, params)])
+    with trio.fail_after(60):
+        async with loopback_swarm(tiny_model, ["0:2", "2:4", "4:6"]) as net, \
+                Client(bootstrap=[net.bootstrap], model=tiny_model,
+                       config=ClientConfig(push="on", codec="raw")) as client:
+            for _ in range(3):
+                text = "".join([p async for p in client.generate(PROMPT, max_new_tokens=12)])
+                assert text == expected and client.last.push
+            assert client.streams is not None
+            assert (client.streams.opened, client.streams.reused) == (3, 6)
+            first, second = (n.pushes for n in net.nodes[:2])
+            assert first is not None and second is not None
+            assert (first.opened, first.reused) == (1, 2)
+            assert (second.opened, second.reused) == (1, 2)
+            # A client that keeps nothing opens new streams every time, with the same output.
+            client.config = dataclasses.replace(client.config, keep_streams_s=0)
+            client.streams = None
+            text = "".join([p async for p in client.generate(PROMPT, max_new_tokens=12)])
+            assert text == expected
+            assert first.reused == 3  # the nodes still keep theirs
 
 
 async def test_a_refusing_node_gives_a_one_line_error(
