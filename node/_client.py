@@ -273,9 +273,9 @@ class Client:
         except RefusedError as exc:
             raise GenerationError(str(exc)) from exc
         finally:
-            await pipeline.aclose()
             if head is not None:
                 head.users -= 1
+            await pipeline.aclose()  # raises at once when cancelled: keep it last
         self._measured(info)
 
     def _measured(self, info: RunInfo) -> None:

@@ -196,6 +196,25 @@ async def test_streams_are_kept_across_generations_by_clients_and_pushing_nodes(
             assert first.reused == 3  # the nodes still keep theirs
 
 
+async def test_a_generation_cancelled_mid_way_leaves_the_client_as_it_was(
+    tiny_model: Path, loopback_swarm: Any
+) -> None:
+    with trio.fail_after(60):
+        async with loopback_swarm(tiny_model, ["0:3", "3:6"]) as net, \
+                Client(bootstrap=[net.bootstrap], model=tiny_model) as client:
+            expected = "".join([p async for p in client.generate(PROMPT, max_new_tokens=8)])
+            with trio.CancelScope() as scope:
+                async for _ in client.generate(PROMPT, max_new_tokens=200):
+                    scope.cancel()
+            assert client._head is not None and client._head.users == 0
+            assert "".join([p async for p in client.generate(PROMPT, max_new_tokens=8)]) \
+                == expected
+            with trio.fail_after(10):  # the cancelled sessions were dropped, not kept
+                for n in net.nodes:
+                    assert n.worker is not None
+                    await n.worker.wait_idle()
+
+
 async def test_a_refusing_node_gives_a_one_line_error(
     tiny_model: Path, loopback_swarm: Any
 ) -> None:
