@@ -195,6 +195,13 @@ async def _serve_client(worker: SpanWorker, session: SessionStream, request: Ope
                 served.ending.set()  # the push stream ends its use cleanly, to be kept
             else:
                 nursery.cancel_scope.cancel()  # the session broke off: drop the push stream
+        if asked:
+            # A step pushed in by the predecessor may still be computing: it answers the
+            # client first, so nothing of this session follows `SessionClosed` on a stream
+            # the client may use again. Steps after this see `closed` and do nothing.
+            served.closed = True
+            async with served.lock:
+                pass
     finally:
         served.closed = True
         table.sessions.pop(request.session_id, None)

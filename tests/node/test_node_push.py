@@ -12,12 +12,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import trio
 
 from node._client import Client, ClientConfig
 from node._hop import RemoteHop
-from node._protocol import PROTOCOL, OpenSession, PushOpen, Refusal, SessionOpened
+from node._protocol import (
+    PROTOCOL,
+    CloseSession,
+    OpenSession,
+    PushOpen,
+    Refusal,
+    SessionClosed,
+    SessionOpened,
+    Step,
+    StepOutput,
+)
 from node._sampling import SamplingParams
+from node._tensors import hidden_to_wire
 from node._textgen import LocalModel
 from p2p import HostConfig, Identity, PeerId, open_host, parse_peer_addr
 
@@ -169,6 +181,42 @@ async def test_a_push_stream_from_anyone_but_the_named_predecessor_is_refused(
                     await intruder.send(PushOpen(session_id=session_id))
                     reply = await intruder.receive()
             assert isinstance(reply, Refusal) and reply.code == "no-session"
+
+
+async def test_a_pushed_step_still_computing_answers_before_the_session_closes(
+    tiny_model: Path, loopback_swarm: Any
+) -> None:
+    """Nothing of a session may follow its `SessionClosed`: the client reuses the stream."""
+    from sharding import Checkpoint
+
+    model_id = Checkpoint.open(tiny_model).model_id
+    with trio.fail_after(60):
+        async with loopback_swarm(tiny_model, ["0:6"]) as net, \
+                open_host(Identity.generate(), HostConfig(listen_addrs=("/ip4/127.0.0.1/tcp/0",),
+                                                          enable_mdns=False)) as host:
+            node = net.nodes[0].host
+            peer: PeerId = node.peer_id
+            await host.connect_peer(peer, [parse_peer_addr(node.listen_addrs()[0])[1]])
+            hidden = Checkpoint.open(tiny_model).config.hidden_size
+            sid = secrets.token_bytes(16)
+            async with host.open_session(peer, PROTOCOL) as owner, \
+                    host.open_session(peer, PROTOCOL) as push:
+                await owner.send(OpenSession(session_id=sid, model_id=model_id, start=2,
+                                             end=4, max_length=64, codec="raw",
+                                             predecessor=str(host.peer_id)))
+                assert isinstance(await owner.receive(), SessionOpened)
+                await push.send(PushOpen(session_id=sid))
+                assert isinstance(await push.receive(), SessionOpened)
+                await push.send(Step(step=0, position=0, input=hidden_to_wire(
+                    torch.randn(1, 48, hidden), "raw")))
+                await owner.send(CloseSession(session_id=sid))  # while the step computes
+                replies = [await owner.receive(), await owner.receive()]
+                assert [type(r) for r in replies] == [StepOutput, SessionClosed]
+                # The stream is clean: the next session's first reply is its own.
+                await owner.send(OpenSession(session_id=secrets.token_bytes(16),
+                                             model_id=model_id, start=2, end=4,
+                                             max_length=8, codec="raw"))
+                assert isinstance(await owner.receive(), SessionOpened)
 
 
 def test_auto_push_measures_both_modes_then_keeps_the_faster() -> None:
