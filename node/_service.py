@@ -192,16 +192,15 @@ async def _serve_client(worker: SpanWorker, session: SessionStream, request: Ope
             except P2PError as exc:  # caught here: a nursery would wrap it in a group
                 logger.info("session %s from %s ended: %s", sid, peer, exc)
             if asked:
-                served.ending.set()  # the push stream ends its use cleanly, to be kept
+                # A step pushed in by the predecessor may still be computing: it answers the
+                # client and pushes on first, so nothing of this session follows
+                # `SessionClosed` on the client's stream or `CloseSession` on the push stream,
+                # both of which may be used again. Steps after this see `closed`, do nothing.
+                served.closed = True
+                async with served.lock:
+                    served.ending.set()  # the push stream ends its use cleanly, to be kept
             else:
                 nursery.cancel_scope.cancel()  # the session broke off: drop the push stream
-        if asked:
-            # A step pushed in by the predecessor may still be computing: it answers the
-            # client first, so nothing of this session follows `SessionClosed` on a stream
-            # the client may use again. Steps after this see `closed` and do nothing.
-            served.closed = True
-            async with served.lock:
-                pass
     finally:
         served.closed = True
         table.sessions.pop(request.session_id, None)

@@ -7,6 +7,7 @@ by wrapping `RemoteHop.send`, which is how we know the servers did the forwardin
 from __future__ import annotations
 
 import secrets
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -183,11 +184,42 @@ async def test_a_push_stream_from_anyone_but_the_named_predecessor_is_refused(
             assert isinstance(reply, Refusal) and reply.code == "no-session"
 
 
+@pytest.fixture
+def held_compute(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Every forward of the in-process nodes waits, once `computing` is set, for `release`."""
+    from node._worker import SpanWorker
+
+    computing, release = threading.Event(), threading.Event()
+    compute = SpanWorker._compute
+
+    def held(self: SpanWorker, *args: Any) -> Any:
+        computing.set()
+        release.wait(10)
+        return compute(self, *args)
+
+    monkeypatch.setattr(SpanWorker, "_compute", held)
+    return computing, release
+
+
+async def _close_while_computing(session: Any, sid: bytes, computing: threading.Event,
+                                 worker: Any) -> None:
+    """Send `CloseSession` once the node computes a step, and return once it acts on it."""
+    from node import _service
+
+    await trio.to_thread.run_sync(computing.wait)
+    served = _service._SERVED[worker].sessions[sid]
+    await session.send(CloseSession(session_id=sid))
+    while not (served.closed or served.ending.is_set()):  # noqa: ASYNC110 - node internals
+        await trio.sleep(0.001)
+
+
 async def test_a_pushed_step_still_computing_answers_before_the_session_closes(
-    tiny_model: Path, loopback_swarm: Any
+    tiny_model: Path, loopback_swarm: Any, held_compute: tuple[threading.Event, threading.Event]
 ) -> None:
     """Nothing of a session may follow its `SessionClosed`: the client reuses the stream."""
     from sharding import Checkpoint
+
+    computing, release = held_compute
 
     model_id = Checkpoint.open(tiny_model).model_id
     with trio.fail_after(60):
@@ -209,7 +241,8 @@ async def test_a_pushed_step_still_computing_answers_before_the_session_closes(
                 assert isinstance(await push.receive(), SessionOpened)
                 await push.send(Step(step=0, position=0, input=hidden_to_wire(
                     torch.randn(1, 48, hidden), "raw")))
-                await owner.send(CloseSession(session_id=sid))  # while the step computes
+                await _close_while_computing(owner, sid, computing, net.nodes[0].worker)
+                release.set()
                 replies = [await owner.receive(), await owner.receive()]
                 assert [type(r) for r in replies] == [StepOutput, SessionClosed]
                 # The stream is clean: the next session's first reply is its own.
@@ -217,6 +250,60 @@ async def test_a_pushed_step_still_computing_answers_before_the_session_closes(
                                              model_id=model_id, start=2, end=4,
                                              max_length=8, codec="raw"))
                 assert isinstance(await owner.receive(), SessionOpened)
+
+
+async def test_a_pushed_step_still_computing_is_pushed_on_before_the_push_stream_closes(
+    tiny_model: Path, loopback_swarm: Any, held_compute: tuple[threading.Event, threading.Event]
+) -> None:
+    """The same for the hop's own push stream, which it keeps for its next session: a step
+    held in the compute while the client closes still goes on to the successor, and the push
+    stream stays clean for the next session."""
+    from sharding import Checkpoint
+
+    computing, release = held_compute
+    ckpt = Checkpoint.open(tiny_model)
+    with trio.fail_after(60):
+        async with loopback_swarm(tiny_model, ["0:3", "3:6"]) as net, \
+                open_host(Identity.generate(), HostConfig(listen_addrs=("/ip4/127.0.0.1/tcp/0",),
+                                                          enable_mdns=False)) as host:
+            a, b = (n.host for n in net.nodes)
+            for node in (a, b):
+                await host.connect_peer(node.peer_id, [parse_peer_addr(node.listen_addrs()[0])[1]])
+
+            async def session_through_a_and_b(first: bool) -> None:
+                sid_a, sid_b = secrets.token_bytes(16), secrets.token_bytes(16)
+                async with host.open_session(b.peer_id, PROTOCOL) as owner_b, \
+                        host.open_session(a.peer_id, PROTOCOL) as owner_a, \
+                        host.open_session(a.peer_id, PROTOCOL) as push:
+                    await owner_b.send(OpenSession(
+                        session_id=sid_b, model_id=ckpt.model_id, start=3, end=6, max_length=64,
+                        codec="raw", predecessor=str(a.peer_id)))
+                    await owner_a.send(OpenSession(
+                        session_id=sid_a, model_id=ckpt.model_id, start=1, end=3, max_length=64,
+                        codec="raw", predecessor=str(host.peer_id),
+                        successor=tuple(b.listen_addrs()), successor_session=sid_b))
+                    assert isinstance(await owner_b.receive(), SessionOpened)
+                    assert isinstance(await owner_a.receive(), SessionOpened)
+                    await push.send(PushOpen(session_id=sid_a))
+                    assert isinstance(await push.receive(), SessionOpened)
+                    await push.send(Step(step=0, position=0, push=True, input=hidden_to_wire(
+                        torch.randn(1, 8, ckpt.config.hidden_size), "raw")))
+                    if first:  # the client closes while A computes the step
+                        await _close_while_computing(owner_a, sid_a, computing,
+                                                     net.nodes[0].worker)
+                    release.set()
+                    with trio.fail_after(10):  # the step went on to B all the same
+                        reply = await owner_b.receive()
+                    assert isinstance(reply, StepOutput) and len(reply.carried) == 1
+                    if not first:
+                        await owner_a.send(CloseSession(session_id=sid_a))
+                    assert await owner_a.receive() == SessionClosed(session_id=sid_a)
+
+            await session_through_a_and_b(first=True)
+            await session_through_a_and_b(first=False)
+            pushes = net.nodes[0].pushes
+            assert pushes is not None
+            assert (pushes.opened, pushes.reused) == (1, 1)  # the kept push stream was clean
 
 
 def test_auto_push_measures_both_modes_then_keeps_the_faster() -> None:
