@@ -163,6 +163,10 @@ class SessionClosed(Message):
 
     session_id: bytes
 
+    def validate(self, limits: WireLimits) -> None:
+        if len(self.session_id) != SESSION_ID_BYTES:
+            raise ValueError(f"session_id must be {SESSION_ID_BYTES} bytes")
+
 
 @message("shardnet.PushOpen", 1)
 @dataclass(frozen=True, slots=True)

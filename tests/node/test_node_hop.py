@@ -16,7 +16,16 @@ import trio
 
 from node._errors import SessionRefusedError
 from node._hop import HopEvent, RemoteHop
-from node._protocol import PROTOCOL, OpenSession, Refusal, SessionOpened, Step, StepOutput
+from node._protocol import (
+    PROTOCOL,
+    CloseSession,
+    OpenSession,
+    Refusal,
+    SessionClosed,
+    SessionOpened,
+    Step,
+    StepOutput,
+)
 from node._tensors import hidden_to_wire, ids_to_wire
 from p2p import Host, HostConfig, Identity, SessionConfig, SessionStream, open_host
 
@@ -87,7 +96,7 @@ async def test_a_refused_session_arrives_as_the_hops_failure(retryable: bool) ->
     assert hop.failed is event.error
 
 
-def test_carried_outputs_are_bounded_and_only_ride_with_relay() -> None:
+def test_carried_outputs_and_session_ids_are_bounded() -> None:
     from node._protocol import MAX_CARRIED
     from p2p import LocalProtocolError, decode_message, encode_message
 
@@ -97,6 +106,7 @@ def test_carried_outputs_are_bounded_and_only_ride_with_relay() -> None:
     for bad in (Step(step=3, position=7, input=row, carried=(row,)),  # carried, no relay
                 Step(step=3, position=7, input=row, relay=True,
                      carried=(row,) * (MAX_CARRIED + 1)),
-                StepOutput(step=3, position=7, output=row, carried=(row,) * (MAX_CARRIED + 1))):
+                StepOutput(step=3, position=7, output=row, carried=(row,) * (MAX_CARRIED + 1)),
+                CloseSession(session_id=b"short"), SessionClosed(session_id=bytes(17))):
         with pytest.raises(LocalProtocolError):
             encode_message(bad)
