@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 import threading
 from collections import Counter
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from node._protocol import (
 from node._sampling import SamplingParams
 from node._tensors import hidden_to_wire
 from node._textgen import LocalModel
-from p2p import HostConfig, Identity, PeerId, open_host, parse_peer_addr
+from p2p import Host, HostConfig, Identity, PeerId, open_host, parse_peer_addr
 
 PROMPT = "The list type is"
 SPANS = ["0:2", "2:4", "4:6"]
@@ -158,6 +159,16 @@ async def test_failover_during_push_keeps_greedy_output(
     assert info.route is not None and victim not in {h.peer_id for h in info.route.hops}
 
 
+def _bare_host() -> AbstractAsyncContextManager[Host]:
+    """A host with no node behind it, to speak the protocol by hand."""
+    return open_host(Identity.generate(),
+                     HostConfig(listen_addrs=("/ip4/127.0.0.1/tcp/0",), enable_mdns=False))
+
+
+async def _connect(host: Host, node: Host) -> None:
+    await host.connect_peer(node.peer_id, [parse_peer_addr(node.listen_addrs()[0])[1]])
+
+
 async def test_a_push_stream_from_anyone_but_the_named_predecessor_is_refused(
     tiny_model: Path, loopback_swarm: Any
 ) -> None:
@@ -166,12 +177,10 @@ async def test_a_push_stream_from_anyone_but_the_named_predecessor_is_refused(
     model_id = Checkpoint.open(tiny_model).model_id
     with trio.fail_after(60):
         async with loopback_swarm(tiny_model, ["0:6"]) as net, \
-                open_host(Identity.generate(), HostConfig(listen_addrs=("/ip4/127.0.0.1/tcp/0",),
-                                                          enable_mdns=False)) as host:
+                _bare_host() as host:
             node = net.nodes[0].host
             peer: PeerId = node.peer_id
-            addr = node.listen_addrs()[0]
-            await host.connect_peer(peer, [parse_peer_addr(addr)[1]])
+            await _connect(host, node)
             session_id = secrets.token_bytes(16)
             async with host.open_session(peer, PROTOCOL) as owner:
                 await owner.send(OpenSession(session_id=session_id, model_id=model_id, start=2,
@@ -224,11 +233,10 @@ async def test_a_pushed_step_still_computing_answers_before_the_session_closes(
     model_id = Checkpoint.open(tiny_model).model_id
     with trio.fail_after(60):
         async with loopback_swarm(tiny_model, ["0:6"]) as net, \
-                open_host(Identity.generate(), HostConfig(listen_addrs=("/ip4/127.0.0.1/tcp/0",),
-                                                          enable_mdns=False)) as host:
+                _bare_host() as host:
             node = net.nodes[0].host
             peer: PeerId = node.peer_id
-            await host.connect_peer(peer, [parse_peer_addr(node.listen_addrs()[0])[1]])
+            await _connect(host, node)
             hidden = Checkpoint.open(tiny_model).config.hidden_size
             sid = secrets.token_bytes(16)
             async with host.open_session(peer, PROTOCOL) as owner, \
@@ -264,11 +272,10 @@ async def test_a_pushed_step_still_computing_is_pushed_on_before_the_push_stream
     ckpt = Checkpoint.open(tiny_model)
     with trio.fail_after(60):
         async with loopback_swarm(tiny_model, ["0:3", "3:6"]) as net, \
-                open_host(Identity.generate(), HostConfig(listen_addrs=("/ip4/127.0.0.1/tcp/0",),
-                                                          enable_mdns=False)) as host:
+                _bare_host() as host:
             a, b = (n.host for n in net.nodes)
             for node in (a, b):
-                await host.connect_peer(node.peer_id, [parse_peer_addr(node.listen_addrs()[0])[1]])
+                await _connect(host, node)
 
             async def session_through_a_and_b(first: bool) -> None:
                 sid_a, sid_b = secrets.token_bytes(16), secrets.token_bytes(16)
