@@ -1,6 +1,6 @@
 """Benchmark: the per-token floor of any pipeline built from trio processes on this machine.
 
-Run: `python -m devnet.bench.floor` (about 3 minutes on 2 cores).
+Run: `python -m devnet.bench.floor` (about 4 minutes on 2 cores).
 
 A pipeline token crosses its hops one after another, so whatever a hop spends besides its
 compute adds up on every token. How much of that is shardnet's own code (libp2p, Noise,
@@ -86,9 +86,9 @@ class Shape:
     """
 
     hops: int = 3
-    hop_mb: int = 100
-    head_mb: int = 0
-    threads: int = 1
+    hop_mb: int = 100  # four blocks of the 125M model
+    head_mb: int = 98  # its head
+    threads: int = 2  # what its nodes and the single-process engine use here
 
 
 def _weights(megabytes: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
@@ -344,15 +344,16 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hops", type=int, default=3)
-    parser.add_argument("--hop-mb", type=int, default=100,
+    default = Shape()
+    parser.add_argument("--hops", type=int, default=default.hops)
+    parser.add_argument("--hop-mb", type=int, default=default.hop_mb,
                         help="weights streamed per hop and token (a 125M node: ~100 MB fp32)")
-    parser.add_argument("--head-mb", type=int, default=98,
+    parser.add_argument("--head-mb", type=int, default=default.head_mb,
                         help="weights the client streams per token (the 125M head: 98 MB)")
-    parser.add_argument("--threads", type=int, default=2,
+    parser.add_argument("--threads", type=int, default=default.threads,
                         help="BLAS threads per product (a shardnet node and engine use 2 here)")
     parser.add_argument("--tokens", type=int, default=150)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--serve-hop", metavar="NEXT", help=argparse.SUPPRESS)
     parser.add_argument("--stack", choices=STACKS, default="tcp", help=argparse.SUPPRESS)
     parser.add_argument("--inline", action="store_true", help=argparse.SUPPRESS)
