@@ -453,17 +453,29 @@ async def _discovery_bridge(host: Host, nursery: trio.Nursery) -> AsyncIterator[
 
 
 async def _disconnect_all(lp_host: IHost) -> None:
-    """Close every connection before the swarm stops.
+    """Close every connection before the swarm stops, all at once.
 
     py-libp2p 0.8.1 leaks the dialer's TCP socket (a ResourceWarning) when a host is
-    stopped with connections still open; closing them first avoids it.
+    stopped with connections still open; closing them first avoids it. Two things of its
+    make that slow: each connection's close sleeps 0.1 s (`SwarmConn._cleanup`), so the
+    closes run side by side; and below its minimum of connections its connection manager
+    dials every known peer again, so it is stopped first. A client with eight peers took
+    0.8 s to leave before.
     """
+    connector = getattr(lp_host.get_network(), "auto_connector", None)
+    if connector is not None:
+        await connector.stop()
+
+    async def disconnect(peer: ID) -> None:
+        try:
+            await lp_host.disconnect(peer)
+        except _DIAL_ERRORS as exc:
+            logger.debug("closing connection to %s at shutdown: %r", peer, exc)
+
     with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-        for peer in list(lp_host.get_connected_peers()):
-            try:
-                await lp_host.disconnect(peer)
-            except _DIAL_ERRORS as exc:
-                logger.debug("closing connection to %s at shutdown: %r", peer, exc)
+        async with trio.open_nursery() as nursery:
+            for peer in list(lp_host.get_connected_peers()):
+                nursery.start_soon(disconnect, peer)
 
 
 def open_host(identity: Identity, config: HostConfig) -> AbstractAsyncContextManager[Host]:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -340,3 +341,47 @@ async def test_killed_and_frozen_peers_are_broken_not_closed() -> None:
                 proc.kill()
             with trio.CancelScope(shield=True):
                 await proc.wait()
+
+
+async def test_a_host_leaves_its_peers_at_once_and_dials_nobody_on_the_way_out() -> None:
+    # py-libp2p sleeps 0.1 s in every connection's close and, below its minimum of
+    # connections, dials known peers again: a client with eight peers took 0.8 s to leave,
+    # most of it redialing the peers it had just said goodbye to.
+    events: list[tuple[str, object]] = []
+    async with (
+        open_host(Identity.generate(), LOCAL) as b,
+        open_host(Identity.generate(), LOCAL) as c,
+        open_host(Identity.generate(), LOCAL) as d,
+        open_host(Identity.generate(), LOCAL) as known,
+    ):
+        peers = [b, c, d]
+        async with open_host(Identity.generate(), LOCAL) as a:
+            for p in peers:
+                await a.connect(p.listen_addrs()[0])
+            # A peer `a` knows of (from the DHT, say) but is not connected to.
+            peer, transport = parse_peer_addr(known.listen_addrs()[0])
+            a.libp2p.get_peerstore().add_addrs(ID(peer.to_bytes()), [Multiaddr(transport)],
+                                               3600)
+            swarm = a.libp2p.get_network()
+            dial, disconnect = swarm.dial_peer, a.libp2p.disconnect
+
+            async def counting_dial(peer_id: ID) -> Any:
+                events.append(("dial", peer_id))
+                return await dial(peer_id)
+
+            async def recorded_disconnect(peer_id: ID) -> None:
+                events.append(("start", peer_id))
+                await disconnect(peer_id)
+                events.append(("end", peer_id))
+
+            swarm.dial_peer = counting_dial  # type: ignore[method-assign]
+            a.libp2p.disconnect = recorded_disconnect  # type: ignore[method-assign]
+        kinds = [kind for kind, _ in events]
+        assert "dial" not in kinds
+        assert not known.connected_peers()
+        # Every close had started before the first one ended: they ran side by side.
+        assert kinds.count("start") == 3
+        assert kinds.index("end") > max(i for i, k in enumerate(kinds) if k == "start")
+        with trio.fail_after(5):
+            while any(p.connected_peers() for p in peers):  # noqa: ASYNC110 - polling peers
+                await trio.sleep(0.01)
