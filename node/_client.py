@@ -177,6 +177,8 @@ class Client:
                     Identity.generate(),
                     HostConfig(listen_addrs=self.config.listen, bootstrap=self.config.bootstrap,
                                enable_mdns=self.config.mdns,
+                               # It reads the DHT, and leaves: others should not keep it.
+                               dht_server=False,
                                link_delay_s=self.config.link_delay_s,
                                link_bandwidth_bps=self.config.link_bandwidth_bps)))
             if self._swarm is None:

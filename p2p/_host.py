@@ -59,7 +59,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.address_validation import expand_wildcard_address
 from multiaddr import Multiaddr
 
-from p2p._dht import Dht
+from p2p._dht import Dht, admit_only_dht_servers
 from p2p._errors import DialError, P2PError
 from p2p._host_config import HostConfig, parse_peer_addr
 from p2p._identity import Identity
@@ -205,7 +205,7 @@ class Host:
                 raise DialError(f"cannot connect to {peer}: pre-shared key mismatch") from exc
             raise DialError(f"cannot connect to {peer}: {exc!r}") from exc
         if self._dht is not None:
-            await self._dht.kad.add_peer(_to_id(peer))
+            await self._dht.add_server(_to_id(peer))
 
     def connected_peers(self) -> list[PeerId]:
         """Peers with a live connection, sorted."""
@@ -539,7 +539,9 @@ async def _open_host(identity: Identity, config: HostConfig) -> AsyncIterator[Ho
             pubsub = PubSub(lp_pubsub, router, config.gossip)
         dht: Dht | None = None
         if config.enable_dht:
-            kad = KadDHT(lp_host, DHTMode.SERVER, strict_validation=True)
+            mode = DHTMode.SERVER if config.dht_server else DHTMode.CLIENT
+            kad = KadDHT(lp_host, mode, strict_validation=True)
+            admit_only_dht_servers(kad)
             await stack.enter_async_context(background_trio_service(kad))
             dht = Dht(kad)
         host = Host(identity=identity, config=config, host=lp_host, pubsub=pubsub, dht=dht)

@@ -28,7 +28,10 @@ class HostConfig:
         enable_mdns: discover peers on the LAN (on for laptops, off in tests).
         psk: a 32-byte pre-shared key: only peers holding it can even handshake.
         allowed_peers: if set, only these peers may connect (either direction).
-        enable_dht: run the Kademlia DHT (server mode, strict validation).
+        enable_dht: run the Kademlia DHT (strict validation).
+        dht_server: serve the DHT to others (Kademlia's server mode). A host that comes
+            and goes, like a client, should not: servers keep it in their routing tables
+            and hand its address out to newcomers after it has left.
         enable_pubsub: run gossipsub.
         gossip: gossipsub tuning.
         dial_timeout: seconds allowed for one connect or stream open.
@@ -53,6 +56,7 @@ class HostConfig:
     psk: bytes | None = None
     allowed_peers: frozenset[PeerId] | None = None
     enable_dht: bool = True
+    dht_server: bool = True
     enable_pubsub: bool = True
     gossip: GossipConfig = field(default_factory=GossipConfig)
     dial_timeout: float = 10.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import AsyncExitStack
+from dataclasses import replace
 
 import pytest
 import trio
@@ -92,3 +93,40 @@ async def test_announcements_are_found_in_the_dht_and_forgeries_are_refused(
     refused = [r.getMessage() for r in caplog.records if "FIND_NODE key" in r.getMessage()]
     assert refused == []
     assert len(announcement_key("m" * 64, server.peer_id)) <= 50
+
+
+async def test_clients_that_came_and_went_are_not_kept_or_handed_out() -> None:
+    # py-libp2p added every peer that queried it to its routing table and handed it out to
+    # later peers, which dialed it long after it had left. Clients now read the DHT without
+    # serving it, and tables admit only peers that identify as DHT servers.
+    from libp2p.peer.id import ID
+
+    async with open_host(Identity.generate(), config()) as boot:
+        boot_addr = (boot.listen_addrs()[0],)
+        assert boot.dht is not None
+        table = boot.dht.kad.routing_table
+        async with open_host(Identity.generate(), config(boot_addr)) as server:
+            assert server.dht is not None
+            await server.wait_bootstrapped()
+            server_id = ID(server.peer_id.to_bytes())
+            with trio.fail_after(10):  # a server is admitted once identify has said so
+                while not table.peer_in_table(server_id):
+                    await server.dht.get("/announcement/nothing/here")
+            left: list[ID] = []
+            for _ in range(3):
+                client_config = replace(config(boot_addr), dht_server=False)
+                async with open_host(Identity.generate(), client_config) as client:
+                    assert client.dht is not None
+                    await client.wait_bootstrapped()
+                    with trio.fail_after(10):
+                        assert await client.dht.get("/announcement/nothing/here") is None
+                    left.append(ID(client.peer_id.to_bytes()))
+            assert not any(table.peer_in_table(p) for p in left)
+            assert not any(server.dht.kad.routing_table.peer_in_table(p) for p in left)
+            newcomer_config = replace(config(boot_addr), dht_server=False)
+            async with open_host(Identity.generate(), newcomer_config) as newcomer:
+                assert newcomer.dht is not None
+                await newcomer.wait_bootstrapped()
+                with trio.fail_after(10):
+                    await newcomer.dht.get("/announcement/nothing/here")
+                assert not set(newcomer.libp2p.get_peerstore().peer_ids()) & set(left)
