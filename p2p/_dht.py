@@ -19,6 +19,7 @@ mapped to :class:`LocalProtocolError` (our put was refused by our own validator)
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL
@@ -80,7 +81,11 @@ _DHT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def admit_only_dht_servers(kad: KadDHT) -> None:
+AddPeer = Callable[..., Awaitable[bool]]
+"""A routing table's `add_peer(peer, *, skip_server_mode_check=False) -> added`."""
+
+
+def admit_only_dht_servers(kad: KadDHT) -> AddPeer:
     """Let into ``kad``'s routing table only peers that said they serve the DHT.
 
     Kademlia's rule is to keep only server-mode peers; py-libp2p 0.8.1 also adds any peer
@@ -89,7 +94,8 @@ def admit_only_dht_servers(kad: KadDHT) -> None:
     address and dialed it (measured: after five clients had come and gone, a sixth dialed
     eight peers, six of them gone). Here a peer goes in only when identify has listed the
     DHT's protocol among the ones it serves; one that speaks to us again after identify
-    goes in then. :meth:`Dht.add_server` bypasses this for peers we were told to use.
+    goes in then. Returns the table's own `add_peer`, which admits unchecked (for
+    :meth:`Dht.add_server`: peers we dialed ourselves).
     """
     table = kad.routing_table
     admit = table.add_peer
@@ -104,20 +110,19 @@ def admit_only_dht_servers(kad: KadDHT) -> None:
         return serves and await admit(peer, skip_server_mode_check=True)
 
     table.add_peer = add_peer  # type: ignore[method-assign,assignment]
-    table._admit_unchecked = admit  # type: ignore[attr-defined]
+    return admit
 
 
 class Dht:
     """Put/get signed records and provider records, with strict validation."""
 
-    def __init__(self, kad: KadDHT) -> None:
+    def __init__(self, kad: KadDHT, *, add_unchecked: AddPeer | None = None) -> None:
         self._kad = kad
+        self._add_unchecked = add_unchecked or kad.routing_table.add_peer
 
     async def add_server(self, peer: ID) -> bool:
         """Put ``peer`` in the routing table without asking identify (a peer we dialed)."""
-        table = self._kad.routing_table
-        admit = getattr(table, "_admit_unchecked", table.add_peer)
-        return bool(await admit(peer, skip_server_mode_check=True))
+        return await self._add_unchecked(peer, skip_server_mode_check=True)
 
     @property
     def kad(self) -> KadDHT:

@@ -541,9 +541,9 @@ async def _open_host(identity: Identity, config: HostConfig) -> AsyncIterator[Ho
         if config.enable_dht:
             mode = DHTMode.SERVER if config.dht_server else DHTMode.CLIENT
             kad = KadDHT(lp_host, mode, strict_validation=True)
-            admit_only_dht_servers(kad)
+            add_unchecked = admit_only_dht_servers(kad)
             await stack.enter_async_context(background_trio_service(kad))
-            dht = Dht(kad)
+            dht = Dht(kad, add_unchecked=add_unchecked)
         host = Host(identity=identity, config=config, host=lp_host, pubsub=pubsub, dht=dht)
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
