@@ -26,6 +26,7 @@ from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.peer.peerstore import PeerStoreError
 from libp2p.records.utils import InvalidRecordType
 from libp2p.records.validator import Validator
 
@@ -105,7 +106,7 @@ def admit_only_dht_servers(kad: KadDHT) -> AddPeer:
         peer_id = peer.peer_id if isinstance(peer, PeerInfo) else peer
         try:
             serves = str(KAD_PROTOCOL) in (peerstore.get_protocols(peer_id) or ())
-        except Exception:  # noqa: BLE001 - libp2p raises its own zoo for unknown peers
+        except PeerStoreError:  # a peer it has never seen
             serves = False
         return serves and await admit(peer, skip_server_mode_check=True)
 
