@@ -36,10 +36,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -47,6 +49,8 @@ import torch
 import trio
 
 from devnet import Devnet
+from devnet._commands import CommandBuilder, node_command
+from devnet._status import Role
 from devnet.bench._common import random_hf_checkpoint, table
 from node._client import Client, ClientConfig
 from node._generate import GenerationStats, generate_ids
@@ -151,8 +155,7 @@ async def measure(name: str, folder: Path, args: argparse.Namespace) -> list[lis
     routes: dict[tuple[str, str], str] = {}
     spans = even_spans(ckpt.config.num_stages)
     with tempfile.TemporaryDirectory(prefix="shardnet-bench-") as root:
-        async with Devnet(3, root=Path(root), model=folder, spans=spans,
-                          extra_args=node_args(args)) as net, AsyncExitStack() as stack:
+        async with devnet(3, root, folder, spans, args) as net, AsyncExitStack() as stack:
             clients = {}
             for codec, push in modes:
                 config = ClientConfig(bootstrap=net.bootstrap_addrs, codec=codec, push=push)
@@ -192,10 +195,55 @@ async def measure(name: str, folder: Path, args: argparse.Namespace) -> list[lis
             for path, dec, ttft, pair, agree, route in measured]
 
 
-def node_args(args: argparse.Namespace, *extra: str) -> list[str]:
+def devnet(count: int, root: str, folder: Path, spans: list[str], args: argparse.Namespace,
+           *extra: str) -> Devnet:
+    """The benchmark's devnet: `count` nodes serving `spans`, each on cores of its own when
+    `--cores-per-process` asks for it."""
     prefill = ["--prefill-threads", str(args.node_prefill_threads)] \
         if args.node_prefill_threads else []
-    return ["--threads", str(args.node_threads), *prefill, *extra]
+    builder = pinned_nodes(args.cores_per_process) if args.cores_per_process else None
+    return Devnet(count, root=Path(root), model=folder, spans=spans, node_command=builder,
+                  extra_args=["--threads", str(args.node_threads), *prefill, *extra])
+
+
+def core_sets(cores_per_process: int,
+              total: int) -> tuple[list[int], Callable[[int | None], list[int]]]:
+    """Disjoint cores for a machine of `total` cores: the first `cores_per_process` for this
+    process (the client, the engine and `transformers`), the next ones for node 0, 1, ...,
+    and the last core for the bootstrap, which only gossips.
+
+    Raises:
+        ValueError: when the machine has too few cores for 4 nodes (the failover section's).
+    """
+    k = cores_per_process
+    needed = 5 * k + 1
+    if k < 1 or total < needed:
+        raise ValueError(f"--cores-per-process {k} needs {needed} cores for the client and "
+                         f"4 nodes plus one for the bootstrap; this machine has {total}")
+
+    def node(index: int | None) -> list[int]:
+        if index is None:
+            return [total - 1]
+        if not 0 <= index < 4:
+            raise ValueError(f"no cores set aside for node {index}")
+        return list(range(k * (index + 1), k * (index + 2)))
+
+    return list(range(k)), node
+
+
+def pinned_nodes(cores_per_process: int) -> CommandBuilder:
+    """Starts each node under `taskset` on its own cores (`core_sets`), as if each were a
+    machine of its own: the node's threads follow its affinity (`sharding.available_cores`)."""
+    _, node_cores = core_sets(cores_per_process, os.cpu_count() or 1)
+
+    def build(*, role: Role, data_dir: Path, listen: str, bootstrap: Sequence[str],
+              model: Path | None, span: str, extra_args: Sequence[str]) -> list[str]:
+        index = None if role == "bootstrap" else int(data_dir.name.rsplit("-", 1)[1])
+        argv = node_command(role=role, data_dir=data_dir, listen=listen, bootstrap=bootstrap,
+                            model=model, span=span, extra_args=extra_args)
+        return ["taskset", "-c", ",".join(map(str, node_cores(index))), *argv]
+
+    return build
 
 
 async def wan(folder: Path, args: argparse.Namespace) -> list[list[object]]:
@@ -210,9 +258,8 @@ async def wan(folder: Path, args: argparse.Namespace) -> list[list[object]]:
         per_token: dict[str, float] = {}
         ttft: dict[str, float] = {}
         with tempfile.TemporaryDirectory(prefix="shardnet-bench-") as root:
-            async with Devnet(3, root=Path(root), model=folder, spans=spans,
-                              extra_args=node_args(args, "--link-delay-ms",
-                                                   str(delay_ms))) as net:
+            async with devnet(3, root, folder, spans, args,
+                              "--link-delay-ms", str(delay_ms)) as net:
                 for push in ("on", "off"):
                     config = ClientConfig(bootstrap=net.bootstrap_addrs, codec="int8-block",
                                           push=push, link_delay_s=delay_ms / 1e3)
@@ -234,8 +281,7 @@ async def clients(folder: Path, args: argparse.Namespace) -> list[list[object]]:
     spans = even_spans(ckpt.config.num_stages)
     rows: list[list[object]] = []
     with tempfile.TemporaryDirectory(prefix="shardnet-bench-") as root:
-        async with Devnet(3, root=Path(root), model=folder, spans=spans,
-                          extra_args=node_args(args)) as net:
+        async with devnet(3, root, folder, spans, args) as net:
             config = ClientConfig(bootstrap=net.bootstrap_addrs, codec="int8-block", push="on")
             async with Client(model=folder, config=config) as client:
                 client.eos_id = None
@@ -299,8 +345,7 @@ async def failover(folder: Path, args: argparse.Namespace) -> list[list[object]]
     spans.append(spans[1])  # a spare for the middle
     rows: list[list[object]] = []
     with tempfile.TemporaryDirectory(prefix="shardnet-bench-") as root:
-        async with Devnet(4, root=Path(root), model=folder, spans=spans,
-                          extra_args=node_args(args)) as net:
+        async with devnet(4, root, folder, spans, args) as net:
             config = ClientConfig(bootstrap=net.bootstrap_addrs, codec="int8-block")
             async with Client(model=folder, config=config) as client:
                 _, reference = await client_runs(client, ids, n, 1)
@@ -383,7 +428,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=lambda v: [int(x) for x in v.split(",")],
                    default=[1, 4, 8])
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "shardnet-bench")
+    p.add_argument("--cores-per-process", type=int, default=0,
+                   help="give this process (client, engine, transformers) and each node this "
+                        "many cores of their own, as if each were a machine (needs 5k+1 "
+                        "cores); 0: everything shares every core")
     args = p.parse_args(argv)
+    if args.cores_per_process:
+        mine, _ = core_sets(args.cores_per_process, os.cpu_count() or 1)
+        if os.sched_getaffinity(0) != set(mine):
+            # Thread pools size themselves from the affinity at import (`sharding`): start
+            # again on our own cores rather than shrink them after the fact.
+            os.sched_setaffinity(0, mine)
+            os.execv(sys.executable, [sys.executable, "-m", "devnet.bench.pipeline",
+                                      *sys.argv[1:]])
     # The clients' hosts log py-libp2p's shutdown races (a dial finishing after the host
     # stopped) as warnings with tracebacks, as the CLI would without the same setting.
     for noisy in ("libp2p", "multiaddr", "async_service"):
