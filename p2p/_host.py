@@ -386,7 +386,10 @@ class Host:
         """Ask ``sources`` for peers and dial some until ``target_peers`` are connected."""
         if len(self.connected_peers()) >= self.config.target_peers:
             return
-        mine = PeerExchangeRequest(addrs=self.listen_addrs()[:MAX_ADDRS_PER_PEER])
+        # A host that serves nothing (a client) asks without offering itself: peers handed
+        # its address would dial it and query a DHT it does not serve.
+        offer = self.listen_addrs()[:MAX_ADDRS_PER_PEER] if self.config.dht_server else ()
+        mine = PeerExchangeRequest(addrs=offer)
         for source in sources:
             try:
                 reply = await self.request(source, PEX, mine)

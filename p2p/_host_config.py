@@ -29,9 +29,10 @@ class HostConfig:
         psk: a 32-byte pre-shared key: only peers holding it can even handshake.
         allowed_peers: if set, only these peers may connect (either direction).
         enable_dht: run the Kademlia DHT (strict validation).
-        dht_server: serve the DHT to others (Kademlia's server mode). A host that comes
-            and goes, like a client, should not: servers keep it in their routing tables
-            and hand its address out to newcomers after it has left.
+        dht_server: serve the DHT to others (Kademlia's server mode) and offer this host's
+            addresses in peer exchange. A host that comes and goes, like a client, should
+            not: servers kept it in their routing tables and handed its address out to
+            newcomers, which dialed it and sent it DHT queries it could not answer.
         enable_pubsub: run gossipsub.
         gossip: gossipsub tuning.
         dial_timeout: seconds allowed for one connect or stream open.

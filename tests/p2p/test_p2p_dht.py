@@ -130,3 +130,23 @@ async def test_clients_that_came_and_went_are_not_kept_or_handed_out() -> None:
                 with trio.fail_after(10):
                     await newcomer.dht.get("/announcement/nothing/here")
                 assert not set(newcomer.libp2p.get_peerstore().peer_ids()) & set(left)
+
+
+async def test_a_client_present_is_not_handed_out_to_newcomers() -> None:
+    # A client offered its address in peer exchange, so a node joining while it was there
+    # dialed it, put it in its routing table and later asked it DHT queries it cannot
+    # answer (seen as "protocol not supported: /ipfs/kad/1.0.0" on every benchmark client).
+    from libp2p.peer.id import ID
+
+    async with open_host(Identity.generate(), config()) as boot:
+        boot_addr = (boot.listen_addrs()[0],)
+        client_config = replace(config(boot_addr), dht_server=False)
+        async with open_host(Identity.generate(), client_config) as client:
+            await client.wait_bootstrapped()
+            assert boot.is_connected(client.peer_id)
+            async with open_host(Identity.generate(), config(boot_addr)) as newcomer:
+                assert newcomer.dht is not None
+                await newcomer.wait_bootstrapped()  # its peer exchange and dials are done
+                assert not newcomer.is_connected(client.peer_id)
+                table = newcomer.dht.kad.routing_table
+                assert not table.peer_in_table(ID(client.peer_id.to_bytes()))
