@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -69,3 +71,39 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
     return str(value)
+
+
+def cores_of(cores_per_process: int, index: int) -> list[int]:
+    """The cores of process `index` when each process of a benchmark gets cores of its own,
+    as if each were a machine: 0 is the benchmark itself (the client, the single-process
+    engine), 1, 2, ... its nodes or hops in order."""
+    k = cores_per_process
+    return list(range(k * index, k * (index + 1)))
+
+
+def check_cores(cores_per_process: int, processes: int, *, spare: int = 0) -> None:
+    """Exit with a clear message unless the machine has cores for `processes` processes of
+    `cores_per_process` each, plus `spare`."""
+    needed = cores_per_process * processes + spare
+    have = os.cpu_count() or 1
+    if cores_per_process < 1 or have < needed:
+        raise SystemExit(f"--cores-per-process {cores_per_process} needs {needed} cores "
+                         f"({processes} processes{f' and {spare} spare' if spare else ''}); "
+                         f"this machine has {have}")
+
+
+def pinned(cores_per_process: int, index: int, argv: Sequence[str]) -> list[str]:
+    """`argv` started on the cores of process `index` (`cores_of`): threads pools size
+    themselves from the affinity they start with."""
+    cores = ",".join(map(str, cores_of(cores_per_process, index)))
+    return ["taskset", "-c", cores, *argv]
+
+
+def pin_this_process(cores_per_process: int, env: dict[str, str] | None = None) -> None:
+    """Re-execute this benchmark on its own cores (`cores_of(k, 0)`) unless it runs there
+    already: numpy's and torch's thread pools read the affinity when they load."""
+    mine = set(cores_of(cores_per_process, 0))
+    if os.sched_getaffinity(0) != mine or env is not None:
+        os.sched_setaffinity(0, mine)
+        argv = [sys.executable, *sys.orig_argv[1:]]
+        os.execve(sys.executable, argv, env if env is not None else dict(os.environ))

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
-from devnet.bench._common import table
+from devnet.bench._common import check_cores, pin_this_process, pinned, table
 from p2p import (
     HostConfig,
     Identity,
@@ -83,12 +83,15 @@ class Shape:
         head_mb: weights the client streams per token after the ring (the head a shardnet
             client runs before it samples; 0 = none).
         threads: BLAS threads of every product.
+        cores_per_process: cores of its own for the client and for each hop, as if each
+            were a machine (0: every process shares every core).
     """
 
     hops: int = 3
     hop_mb: int = 100  # four blocks of the 125M model
     head_mb: int = 98  # its head
     threads: int = 2  # what its nodes and the single-process engine use here
+    cores_per_process: int = 0
 
 
 def _weights(megabytes: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
@@ -170,12 +173,13 @@ def _start_ring(shape: Shape, back: str, inline: bool, stack: str
     """Start the hops last to first (each needs its successor's address); the first's."""
     procs: list[subprocess.Popen[str]] = []
     address = back
-    for _ in range(shape.hops):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "devnet.bench.floor", "--serve-hop", address,
-             "--stack", stack, "--hop-mb", str(shape.hop_mb), "--threads", str(shape.threads)]
-            + (["--inline"] if inline else []),
-            stdout=subprocess.PIPE, text=True)
+    for index in range(shape.hops, 0, -1):
+        argv = [sys.executable, "-m", "devnet.bench.floor", "--serve-hop", address,
+                "--stack", stack, "--hop-mb", str(shape.hop_mb), "--threads",
+                str(shape.threads), *(["--inline"] if inline else [])]
+        if shape.cores_per_process:
+            argv = pinned(shape.cores_per_process, index, argv)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         procs.append(proc)
         line = proc.stdout.readline().strip() if proc.stdout is not None else ""
         if not line:
@@ -307,7 +311,7 @@ ENGINE = "engine-like: back to back in one process"
 
 
 async def run(args: argparse.Namespace) -> None:
-    shape = Shape(args.hops, args.hop_mb, args.head_mb, args.threads)
+    shape = Shape(args.hops, args.hop_mb, args.head_mb, args.threads, args.cores_per_process)
     paths: dict[str, Callable[[], Awaitable[float]]] = {
         ENGINE: lambda: engine_per_token(shape, args.tokens),
         "ring, compute in a worker thread (as a node)": lambda: ring_per_token(
@@ -335,6 +339,8 @@ async def run(args: argparse.Namespace) -> None:
                      f"{engine / best:.3f}", f"{paired:.3f}",
                      " ".join(f"{v * 1e3:.1f}" for v in values)])
     head = f", the client a {shape.head_mb} MB head" if shape.head_mb else ""
+    if shape.cores_per_process:
+        head += f", {shape.cores_per_process} cores of its own for each process"
     print(f"{shape.hops} hops on loopback, {shape.hop_mb} MB matrix-vector product per hop"
           f"{head}, {shape.threads} BLAS thread(s), {MESSAGE_BYTES}-byte messages; best of "
           f"{args.repeats} interleaved rounds (median over {args.tokens} tokens each)")
@@ -353,16 +359,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=default.threads,
                         help="BLAS threads per product (a shardnet node and engine use 2 here)")
     parser.add_argument("--tokens", type=int, default=150)
+    parser.add_argument("--cores-per-process", type=int, default=0,
+                        help="cores of its own for the client and each hop, as if each were "
+                             "a machine (needs (hops + 1) x k cores); 0: all share")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--serve-hop", metavar="NEXT", help=argparse.SUPPRESS)
     parser.add_argument("--stack", choices=STACKS, default="tcp", help=argparse.SUPPRESS)
     parser.add_argument("--inline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    env = None
     if args.threads > 1 and "OPENBLAS_THREAD_TIMEOUT" not in os.environ:
         # Idle OpenBLAS workers spin ~0.1 s by default, on the cores the other hops need;
         # shardnet sets 18 (sharding/_openblas.py, which would import torch here). OpenBLAS
         # reads it once, when numpy loads: start again with it.
         env = {**os.environ, "OPENBLAS_THREAD_TIMEOUT": "18"}
+    if args.cores_per_process and args.serve_hop is None:
+        check_cores(args.cores_per_process, args.hops + 1)
+        pin_this_process(args.cores_per_process, env)
+    elif env is not None:
         os.execve(sys.executable, [sys.executable, "-m", "devnet.bench.floor", *sys.argv[1:]],
                   env)
     if args.serve_hop is not None:

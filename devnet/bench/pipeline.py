@@ -38,10 +38,9 @@ import json
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -51,7 +50,7 @@ import trio
 from devnet import Devnet
 from devnet._commands import CommandBuilder, node_command
 from devnet._status import Role
-from devnet.bench._common import random_hf_checkpoint, table
+from devnet.bench._common import check_cores, pin_this_process, pinned, random_hf_checkpoint, table
 from node._client import Client, ClientConfig
 from node._generate import GenerationStats, generate_ids
 from node._local import LocalStages
@@ -206,42 +205,19 @@ def devnet(count: int, root: str, folder: Path, spans: list[str], args: argparse
                   extra_args=["--threads", str(args.node_threads), *prefill, *extra])
 
 
-def core_sets(cores_per_process: int,
-              total: int) -> tuple[list[int], Callable[[int | None], list[int]]]:
-    """Disjoint cores for a machine of `total` cores: the first `cores_per_process` for this
-    process (the client, the engine and `transformers`), the next ones for node 0, 1, ...,
-    and the last core for the bootstrap, which only gossips.
-
-    Raises:
-        ValueError: when the machine has too few cores for 4 nodes (the failover section's).
-    """
-    k = cores_per_process
-    needed = 5 * k + 1
-    if k < 1 or total < needed:
-        raise ValueError(f"--cores-per-process {k} needs {needed} cores for the client and "
-                         f"4 nodes plus one for the bootstrap; this machine has {total}")
-
-    def node(index: int | None) -> list[int]:
-        if index is None:
-            return [total - 1]
-        if not 0 <= index < 4:
-            raise ValueError(f"no cores set aside for node {index}")
-        return list(range(k * (index + 1), k * (index + 2)))
-
-    return list(range(k)), node
-
-
 def pinned_nodes(cores_per_process: int) -> CommandBuilder:
-    """Starts each node under `taskset` on its own cores (`core_sets`), as if each were a
-    machine of its own: the node's threads follow its affinity (`sharding.available_cores`)."""
-    _, node_cores = core_sets(cores_per_process, os.cpu_count() or 1)
+    """Starts node i under `taskset` on cores of its own (`cores_of(k, i + 1)`), as if each
+    were a machine: its threads follow its affinity (`sharding.available_cores`). The
+    bootstrap, which only gossips, gets the machine's last core."""
+    last = (os.cpu_count() or 1) - 1
 
     def build(*, role: Role, data_dir: Path, listen: str, bootstrap: Sequence[str],
               model: Path | None, span: str, extra_args: Sequence[str]) -> list[str]:
-        index = None if role == "bootstrap" else int(data_dir.name.rsplit("-", 1)[1])
         argv = node_command(role=role, data_dir=data_dir, listen=listen, bootstrap=bootstrap,
                             model=model, span=span, extra_args=extra_args)
-        return ["taskset", "-c", ",".join(map(str, node_cores(index))), *argv]
+        if role == "bootstrap":
+            return ["taskset", "-c", str(last), *argv]
+        return pinned(cores_per_process, 1 + int(data_dir.name.rsplit("-", 1)[1]), argv)
 
     return build
 
@@ -434,13 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                         "cores); 0: everything shares every core")
     args = p.parse_args(argv)
     if args.cores_per_process:
-        mine, _ = core_sets(args.cores_per_process, os.cpu_count() or 1)
-        if os.sched_getaffinity(0) != set(mine):
-            # Thread pools size themselves from the affinity at import (`sharding`): start
-            # again on our own cores rather than shrink them after the fact.
-            os.sched_setaffinity(0, mine)
-            os.execv(sys.executable, [sys.executable, "-m", "devnet.bench.pipeline",
-                                      *sys.argv[1:]])
+        # This process and the failover section's 4 nodes, and a core for the bootstrap.
+        check_cores(args.cores_per_process, 5, spare=1)
+        pin_this_process(args.cores_per_process)
     # The clients' hosts log py-libp2p's shutdown races (a dial finishing after the host
     # stopped) as warnings with tracebacks, as the CLI would without the same setting.
     for noisy in ("libp2p", "multiaddr", "async_service"):
