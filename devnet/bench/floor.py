@@ -324,9 +324,12 @@ async def run(args: argparse.Namespace) -> None:
             shape, args.tokens, stack="session"),
     }
     results: dict[str, list[float]] = {name: [] for name in paths}
-    for _ in range(args.repeats):  # interleaved rounds: a noisy minute hits every path
+    for r in range(args.repeats):  # interleaved rounds: a noisy minute hits every path
         for name, measure in paths.items():
             results[name].append(await measure())
+        # As it goes, so a run cut short (a lent machine's time limit) still tells something.
+        print(f"round {r + 1}: " + ", ".join(f"{v[-1] * 1e3:.1f}" for v in results.values())
+              + " ms per token", flush=True)
     engine = min(results[ENGINE])
     rows = []
     for name, values in results.items():
