@@ -273,9 +273,9 @@ class SpanWorker:
                                            f"max_length {session.max_length}")
 
     @staticmethod
-    def _use_threads(threads: int | None, rows: int) -> None:
+    def _use_threads(threads: int | None, rows: int, macs_per_row: int | None = None) -> None:
         if threads is not None:
-            use_threads(threads, rows=rows)
+            use_threads(threads, rows=rows, macs_per_row=macs_per_row)
 
     def _answer(self, job: _Job, y: torch.Tensor) -> StepOutput | Exception:
         """Encode a finished step's output; a refused encoding undoes the step."""
@@ -296,7 +296,11 @@ class SpanWorker:
         """Runs in the worker thread: the next `tokens` of one step, alone."""
         started = time.perf_counter()
         session, step = job.session, job.step
-        self._use_threads(self.prefill_threads if job.tokens > 1 else self.decode_threads, tokens)
+        if job.tokens > 1:  # a small prefill runs on one thread (`sharding.use_threads`)
+            self._use_threads(self.prefill_threads, tokens,
+                              self.span.macs_per_row((session.start, session.end)))
+        else:
+            self._use_threads(self.decode_threads, tokens)
         if job.done_tokens == 0 and step.rollback:
             session.cache.rollback(step.position)
         a = job.done_tokens

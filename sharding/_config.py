@@ -96,6 +96,13 @@ class ModelConfig:
         """Output width of the fused query/key/value projection."""
         return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
 
+    @property
+    def block_macs(self) -> int:
+        """Multiply-adds one row costs in one block's matrices (attention scores aside)."""
+        h = self.hidden_size
+        return h * self.qkv_size + self.num_heads * self.head_dim * h \
+            + 3 * h * self.intermediate_size
+
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-ready dict: the canonical form hashed into `model_id`."""
         return dataclasses.asdict(self)

@@ -7,6 +7,20 @@ sleep between operations and each one wakes them again. A forward over several r
 prefill) is a set of matrix products in oneDNN or torch, which want torch's threads. So
 `use_threads(n, rows=...)` gives torch one thread for one row and `n` otherwise.
 
+Unless the products are small. Every torch operation of a forward over several rows is an
+OpenMP parallel region, and a process that has slept since its last forward (a pipeline node
+between requests, the engine between prompts) wakes its OpenMP workers again for each one;
+with `GOMP_SPINCOUNT=1000` they also fall asleep between operations. Below a few hundred
+million multiply-adds that costs more than the second core gives. Measured on the
+development machine (2 vCPUs), one span's forward after a 20 ms sleep, 1 against 2 threads:
+2 blocks of the embedded model (1.5 M multiply-adds a row) 3.3 / 4.3 ms at 16 rows, 7.9 / 9.9
+at 128, 18.3 / 18.9 at 256; 4 blocks of the 125M model (25 M a row) 16.5 / 17.9 ms at 16 rows,
+25.1 / 23.5 at 32, 95 / 57 at 128. Warm (back to back) the second thread pays off sooner,
+from ~90 M multiply-adds. `use_threads(n, rows=..., macs_per_row=...)` gives such a forward
+one thread below `PARALLEL_MIN_MACS`: the cold case, since that is how a request's prefill
+runs. On the 3-node devnet this took the embedded model's first token from 1.59-1.75x the
+engine's to 1.38-1.49x (128-token prompt, nodes' prefill on 1 thread against 2).
+
 numpy's OpenBLAS gets every core when its idle workers sleep within ~0.1 ms of a call, and one
 otherwise (`sharding/_openblas.py`); the package sets that once, at import
 (`package_blas_threads`). A product of one row streams its matrix from memory, and two cores
@@ -56,8 +70,21 @@ def package_blas_threads() -> int:
     return available_cores() if QUIET else 1
 
 
-def use_threads(threads: int, *, rows: int) -> None:
-    """torch's threads for the next forward in this thread: 1 for one row, else `threads`."""
-    wanted = 1 if rows == 1 else max(1, threads)
+PARALLEL_MIN_MACS = 1 << 28
+"""A forward of fewer multiply-adds than this (rows times `Span.macs_per_row`) runs on one
+thread: waking OpenMP's workers for each operation costs more than they give (see above)."""
+
+
+def threads_for(threads: int, *, rows: int, macs_per_row: int | None = None) -> int:
+    """torch's threads for a forward of `rows` rows: 1 for one row, or, given its size, for
+    fewer than `PARALLEL_MIN_MACS` multiply-adds; else `threads` (at least 1)."""
+    if rows == 1 or (macs_per_row is not None and rows * macs_per_row < PARALLEL_MIN_MACS):
+        return 1
+    return max(1, threads)
+
+
+def use_threads(threads: int, *, rows: int, macs_per_row: int | None = None) -> None:
+    """Set torch's threads for the next forward in this thread (`threads_for`)."""
+    wanted = threads_for(threads, rows=rows, macs_per_row=macs_per_row)
     if torch.get_num_threads() != wanted:
         torch.set_num_threads(wanted)

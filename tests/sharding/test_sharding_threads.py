@@ -16,7 +16,12 @@ import torch
 
 from sharding import Checkpoint, Span, use_threads
 from sharding._openblas import TIMEOUT, VARIABLE, prepare, quiet
-from sharding._threads import package_blas_threads, set_blas_threads
+from sharding._threads import (
+    PARALLEL_MIN_MACS,
+    package_blas_threads,
+    set_blas_threads,
+    threads_for,
+)
 
 Factory = Callable[..., tuple[Any, Path]]
 
@@ -36,6 +41,39 @@ def test_one_row_gets_one_torch_thread_and_several_rows_all() -> None:
     assert torch.get_num_threads() == 2
     use_threads(0, rows=8)  # never fewer than one
     assert torch.get_num_threads() == 1
+
+
+def test_a_small_forward_gets_one_thread_and_a_large_one_all() -> None:
+    # Waking OpenMP's workers for every operation of a small cold forward costs more than
+    # the second core gives (measurements in sharding/_threads.py).
+    assert threads_for(2, rows=128, macs_per_row=1_500_000) == 1  # 2 embedded blocks
+    assert threads_for(2, rows=16, macs_per_row=25_000_000) == 2  # 4 blocks of 125M
+    assert threads_for(2, rows=PARALLEL_MIN_MACS, macs_per_row=1) == 2  # the bound itself
+    assert threads_for(2, rows=PARALLEL_MIN_MACS - 1, macs_per_row=1) == 1
+    assert threads_for(2, rows=8) == 2  # size unknown (a batch): as before
+    assert threads_for(2, rows=1, macs_per_row=10**9) == 1  # one row streams its weights
+    use_threads(2, rows=128, macs_per_row=1_500_000)
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_a_spans_multiply_adds_per_row_are_its_matrices_elements(
+        hf_checkpoint: Factory, family: str) -> None:
+    _, folder = hf_checkpoint(family)
+    ckpt = Checkpoint.open(folder)
+    cfg = ckpt.config
+    span = Span.load(ckpt, 0, cfg.num_stages, pack=False)
+
+    def matrices(stage: int) -> int:  # every matrix a row is multiplied by in that stage
+        weights = ckpt.load_stage(stage, dtype=torch.float32, device=torch.device("cpu"))
+        return sum(w.numel() for name, w in weights.items()
+                   if w.dim() == 2 and name != "embed")
+
+    blocks = sum(matrices(s) for s in range(1, cfg.head_stage))
+    head = cfg.vocab_size * cfg.hidden_size  # its own matrix, or the embedding's, tied
+    assert span.macs_per_row() == blocks + head
+    assert span.macs_per_row((1, 3)) == matrices(1) + matrices(2)
+    assert span.macs_per_row((0, 1)) == 0  # the embedding is a lookup
 
 
 def test_a_decode_step_is_the_same_on_one_or_two_blas_threads(hf_checkpoint: Factory) -> None:
