@@ -37,7 +37,7 @@ class LocalStages:
             self.cache.rollback(position)
         if self.threads is not None and not self.inline:
             use_threads(self.threads, rows=x.shape[0] * x.shape[1],
-                        macs_per_row=self.span.macs_per_row((self.start, self.end)))
+                        macs=self.span.row_macs((self.start, self.end)))
         with torch.inference_mode():
             out: torch.Tensor = self.span(x, self.cache, last_only=last_only,
                                           stages=(self.start, self.end))

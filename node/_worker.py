@@ -273,9 +273,10 @@ class SpanWorker:
                                            f"max_length {session.max_length}")
 
     @staticmethod
-    def _use_threads(threads: int | None, rows: int, macs_per_row: int | None = None) -> None:
+    def _use_threads(threads: int | None, rows: int,
+                     macs: tuple[int, int] | None = None) -> None:
         if threads is not None:
-            use_threads(threads, rows=rows, macs_per_row=macs_per_row)
+            use_threads(threads, rows=rows, macs=macs)
 
     def _answer(self, job: _Job, y: torch.Tensor) -> StepOutput | Exception:
         """Encode a finished step's output; a refused encoding undoes the step."""
@@ -298,7 +299,7 @@ class SpanWorker:
         session, step = job.session, job.step
         if job.tokens > 1:  # a small prefill runs on one thread (`sharding.use_threads`)
             self._use_threads(self.prefill_threads, tokens,
-                              self.span.macs_per_row((session.start, session.end)))
+                              self.span.row_macs((session.start, session.end)))
         else:
             self._use_threads(self.decode_threads, tokens)
         if job.done_tokens == 0 and step.rollback:

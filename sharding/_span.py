@@ -168,14 +168,15 @@ class Span(nn.Module):
             )
         return a, b
 
-    def macs_per_row(self, stages: tuple[int, int] | None = None) -> int:
-        """Multiply-adds one row costs in the matrices of `stages` (default: all of this
-        span's), the head's included: the work `use_threads` weighs against waking OpenMP's
-        threads. (With `last_only` the head sees one row, so this errs towards threads.)"""
+    def row_macs(self, stages: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Multiply-adds one row costs in one block among `stages` (default: all of this
+        span's; 0 without blocks), and in the head if `stages` hold it (else 0): the sizes
+        `use_threads` weighs against waking OpenMP's threads."""
         a, b = self.stages(stages)
-        head = self.config.vocab_size * self.config.hidden_size if b == self.end \
-            and self.head is not None else 0
-        return len(self._block_range(a, b)) * self.config.block_macs + head
+        block = self.config.block_macs if len(self._block_range(a, b)) else 0
+        head = self.config.vocab_size * self.config.hidden_size \
+            if self.head is not None and b == self.end else 0
+        return block, head
 
     def _block_range(self, a: int, b: int) -> range:
         """Indices into `self.blocks` of the blocks among stages `[a, b)`."""

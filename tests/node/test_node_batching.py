@@ -20,7 +20,7 @@ from node._tensors import hidden_to_wire, ids_to_wire
 from node._worker import SpanWorker, WorkerSession
 from p2p import Tensor
 from sharding import EMBEDDED_MODEL, Checkpoint, Span, SpanError
-from sharding._threads import PARALLEL_MIN_MACS
+from sharding._threads import PARALLEL_MIN_MACS, STREAMED_HEAD_MACS
 
 
 def _worker(folder: Path, start: int, end: int | None = None,
@@ -324,7 +324,7 @@ async def test_a_small_prefill_runs_on_one_thread(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Waking a second OpenMP thread for each operation of a small cold forward costs more
-    # than it gives: the embedded model's first token on the devnet came 15% sooner.
+    # than it gives (measurements in sharding/_threads.py).
     w = _worker(tiny_model, 0, decode_threads=1, prefill_threads=2)
     seen: list[int] = []
     forward = w.span.forward
@@ -335,7 +335,8 @@ async def test_a_small_prefill_runs_on_one_thread(
 
     monkeypatch.setattr(w.span, "forward", record)
     await w.step(_open(w, 1), _ids_step(0, 0, _ids(24, seed=5), last_only=True))
-    assert 24 * w.span.macs_per_row() < PARALLEL_MIN_MACS and seen == [1]
+    block, head = w.span.row_macs()
+    assert 24 * block < PARALLEL_MIN_MACS and head <= STREAMED_HEAD_MACS and seen == [1]
 
 
 @pytest.mark.parametrize(("end", "last_only"), [(3, True), (6, False)])

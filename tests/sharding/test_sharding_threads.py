@@ -18,6 +18,7 @@ from sharding import Checkpoint, Span, use_threads
 from sharding._openblas import TIMEOUT, VARIABLE, prepare, quiet
 from sharding._threads import (
     PARALLEL_MIN_MACS,
+    STREAMED_HEAD_MACS,
     package_blas_threads,
     set_blas_threads,
     threads_for,
@@ -45,14 +46,20 @@ def test_one_row_gets_one_torch_thread_and_several_rows_all() -> None:
 
 def test_a_small_forward_gets_one_thread_and_a_large_one_all() -> None:
     # Waking OpenMP's workers for every operation of a small cold forward costs more than
-    # the second core gives (measurements in sharding/_threads.py).
-    assert threads_for(2, rows=128, macs_per_row=1_500_000) == 1  # 2 embedded blocks
-    assert threads_for(2, rows=16, macs_per_row=25_000_000) == 2  # 4 blocks of 125M
-    assert threads_for(2, rows=PARALLEL_MIN_MACS, macs_per_row=1) == 2  # the bound itself
-    assert threads_for(2, rows=PARALLEL_MIN_MACS - 1, macs_per_row=1) == 1
+    # the second core gives; a big head is streamed from memory, which threads speed up
+    # (measurements in sharding/_threads.py).
+    embedded, m125 = (737_280, 0), (6_291_456, 0)  # one block's, no head
+    assert threads_for(2, rows=128, macs=embedded) == 1
+    assert threads_for(2, rows=16, macs=m125) == 1
+    assert threads_for(2, rows=32, macs=m125) == 2
+    assert threads_for(2, rows=8, macs=(6_291_456, 32000 * 768)) == 2  # the 125M head
+    assert threads_for(2, rows=PARALLEL_MIN_MACS, macs=(1, 0)) == 2  # the bound itself
+    assert threads_for(2, rows=PARALLEL_MIN_MACS - 1, macs=(1, 0)) == 1
+    assert threads_for(2, rows=2, macs=(0, STREAMED_HEAD_MACS)) == 1
+    assert threads_for(2, rows=2, macs=(0, STREAMED_HEAD_MACS + 1)) == 2
     assert threads_for(2, rows=8) == 2  # size unknown (a batch): as before
-    assert threads_for(2, rows=1, macs_per_row=10**9) == 1  # one row streams its weights
-    use_threads(2, rows=128, macs_per_row=1_500_000)
+    assert threads_for(2, rows=1, macs=(10**9, 10**9)) == 1  # one row: numpy's threads
+    use_threads(2, rows=128, macs=embedded)
     assert torch.get_num_threads() == 1
 
 
@@ -69,11 +76,11 @@ def test_a_spans_multiply_adds_per_row_are_its_matrices_elements(
         return sum(w.numel() for name, w in weights.items()
                    if w.dim() == 2 and name != "embed")
 
-    blocks = sum(matrices(s) for s in range(1, cfg.head_stage))
     head = cfg.vocab_size * cfg.hidden_size  # its own matrix, or the embedding's, tied
-    assert span.macs_per_row() == blocks + head
-    assert span.macs_per_row((1, 3)) == matrices(1) + matrices(2)
-    assert span.macs_per_row((0, 1)) == 0  # the embedding is a lookup
+    assert span.row_macs() == (matrices(1), head)
+    assert span.row_macs((1, 3)) == (matrices(2), 0)
+    assert span.row_macs((0, 1)) == (0, 0)  # the embedding is a lookup
+    assert span.row_macs((cfg.head_stage, cfg.num_stages)) == (0, head)
 
 
 def test_a_decode_step_is_the_same_on_one_or_two_blas_threads(hf_checkpoint: Factory) -> None:
