@@ -27,6 +27,13 @@ on one thread when rows times one block's multiply-adds is under `PARALLEL_MIN_M
 holds no head above `STREAMED_HEAD_MACS` (`use_threads(n, rows=..., macs=Span.row_macs())`).
 This is the cold case, how a request's prefill runs; warm (back to back), the second thread
 pays off from fewer rows.
+
+numpy's OpenBLAS gets every core when its idle workers sleep within ~0.1 ms of a call, and one
+otherwise (`sharding/_openblas.py`); the package sets that once, at import
+(`package_blas_threads`). A product of one row streams its matrix from memory, and two cores
+stream it faster than one (a 98 MB product: 2.7-2.9 ms against 3.9). It is set once because
+OpenBLAS 0.3.31 ignores `openblas_set_num_threads` from any thread but the main one, and every
+forward here runs in a worker thread; see `devnet/bench/NOTES.md`.
 """
 
 from __future__ import annotations
