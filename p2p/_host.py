@@ -197,6 +197,12 @@ class Host:
             maddrs = [Multiaddr(a) for a in addrs]
         except (multiaddr.exceptions.Error, ValueError) as exc:
             raise DialError(f"bad address for {peer.short()}: {exc}") from exc
+        # py-libp2p refuses, for 60 s and without trying, to dial a peer whose addresses all
+        # failed once. A node restarted in seconds on the same address was then out of reach
+        # for a minute. This dial is deliberate (callers back off on their own), so it tries.
+        unblock = getattr(self._host.get_network(), "unblock_peer", None)
+        if unblock is not None:
+            unblock(_to_id(peer))
         try:
             with trio.fail_after(self.config.dial_timeout):
                 await self._host.connect(PeerInfo(_to_id(peer), maddrs))
@@ -481,6 +487,22 @@ async def _disconnect_all(lp_host: IHost) -> None:
                 nursery.start_soon(disconnect, peer)
 
 
+async def _close_listeners(lp_host: IHost) -> None:
+    """Close the host's listening sockets.
+
+    py-libp2p 0.8.1 closes them only at the end of its swarm's stop, after awaits that a
+    cancelled stop never gets past, so every host left its port open (and accepting) after
+    it stopped: a socket per `Client` for the life of the process.
+    """
+    listeners = list(getattr(lp_host.get_network(), "listeners", {}).values())
+    with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+        for listener in listeners:
+            try:
+                await listener.close()
+            except OSError as exc:
+                logger.debug("closing a listener at shutdown: %r", exc)
+
+
 def open_host(identity: Identity, config: HostConfig) -> AbstractAsyncContextManager[Host]:
     """Start a host; it stops when the block exits.
 
@@ -531,6 +553,7 @@ async def _open_host(identity: Identity, config: HostConfig) -> AsyncIterator[Ho
             await stack.enter_async_context(lp_host.run(listen))
         except OSError as exc:
             raise DialError(f"cannot listen on {config.listen_addrs}: {exc}") from exc
+        stack.push_async_callback(_close_listeners, lp_host)
         stack.push_async_callback(_disconnect_all, lp_host)
         pubsub: PubSub | None = None
         if config.enable_pubsub:

@@ -93,7 +93,7 @@ def check_cores(cores_per_process: int, processes: int, *, spare: int = 0) -> No
 
 
 def pinned(cores_per_process: int, index: int, argv: Sequence[str]) -> list[str]:
-    """`argv` started on the cores of process `index` (`cores_of`): threads pools size
+    """`argv` started on the cores of process `index` (`cores_of`): thread pools size
     themselves from the affinity they start with."""
     cores = ",".join(map(str, cores_of(cores_per_process, index)))
     return ["taskset", "-c", cores, *argv]

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -385,3 +386,32 @@ async def test_a_host_leaves_its_peers_at_once_and_dials_nobody_on_the_way_out()
         with trio.fail_after(5):
             while any(p.connected_peers() for p in peers):  # noqa: ASYNC110 - polling peers
                 await trio.sleep(0.01)
+
+
+async def test_a_peer_back_on_its_address_can_be_dialed_at_once() -> None:
+    # py-libp2p refuses for 60 s to dial a peer whose addresses all failed once, without
+    # trying. A node restarted in seconds (same identity, same port) was then unreachable
+    # for a minute to every peer that had tried it meanwhile: the churn soak's clients gave
+    # up when both servers of a stage were in that state. Our dials are deliberate, with
+    # their own backoff (the client's bans), so they try.
+    identity = Identity.generate()
+    with socket.socket() as probe:  # a port nobody listens on, until the peer comes back
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    transport = f"/ip4/127.0.0.1/tcp/{port}"
+    async with open_host(Identity.generate(), LOCAL) as a:
+        with pytest.raises(DialError):
+            await a.connect_peer(identity.peer_id, [transport])  # the peer is down
+        async with open_host(identity, replace(LOCAL, listen_addrs=(transport,))) as b:
+            await a.connect_peer(b.peer_id, [transport])
+            assert a.is_connected(b.peer_id)
+
+
+async def test_a_host_that_stopped_no_longer_listens() -> None:
+    # py-libp2p left every stopped host's port open and accepting, for the life of the
+    # process: a socket per client that came and went.
+    async with open_host(Identity.generate(), LOCAL) as host:
+        _, transport = parse_peer_addr(host.listen_addrs()[0])
+    port = int(transport.rsplit("/", 1)[1])
+    with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
+        probe.connect(("127.0.0.1", port))
