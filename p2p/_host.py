@@ -497,8 +497,16 @@ async def _close_listeners(lp_host: IHost) -> None:
     listeners = list(getattr(lp_host.get_network(), "listeners", {}).values())
     with trio.CancelScope(shield=True), trio.move_on_after(2.0):
         for listener in listeners:
+            # Out of the list before they close: a peer's identify request reads every
+            # listed socket's address at any moment, and a closed one raises EBADF there,
+            # which fails the whole host. py-libp2p's own close unlists them only after.
+            sockets = list(getattr(listener, "listeners", ()))
+            if sockets:
+                listener.listeners.clear()
             try:
                 await listener.close()
+                for sock in sockets:
+                    await sock.aclose()
             except OSError as exc:
                 logger.debug("closing a listener at shutdown: %r", exc)
 

@@ -415,3 +415,22 @@ async def test_a_host_that_stopped_no_longer_listens() -> None:
     port = int(transport.rsplit("/", 1)[1])
     with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
         probe.connect(("127.0.0.1", port))
+
+
+async def test_a_host_stopping_can_still_be_asked_its_addresses() -> None:
+    # A peer's identify request asks for our addresses at any moment, stopping included:
+    # a listening socket closed but still listed made that raise EBADF and fail the host.
+    asked = 0
+
+    async def ask(host: Host) -> None:
+        nonlocal asked
+        while True:
+            host.listen_addrs()
+            asked += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        async with open_host(Identity.generate(), LOCAL) as host:
+            nursery.start_soon(ask, host)
+        nursery.cancel_scope.cancel()
+    assert asked > 1
