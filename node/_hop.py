@@ -234,7 +234,8 @@ class RemoteHop:
 
     def check_output(self, output: Tensor, tokens: int, last_only: bool) -> torch.Tensor:
         """Decode and check an output of this hop (which may have come with another hop's
-        answer); `HopFailedError` blames this hop if it is bad."""
+        answer); `HopFailedError` blames this hop if it is bad. `last_only`: one row is
+        expected, for a step sent with `last_only` to a head or to a hop with no successor."""
         width = self._check_shape(output, tokens, last_only)
         try:
             return hidden_from_wire(output, max_elements=max(1, tokens) * width)
@@ -252,7 +253,7 @@ class RemoteHop:
 
     def _check_shape(self, output: Tensor, tokens: int, last_only: bool) -> int:
         width = self.vocab_size if self.returns_logits else self.hidden_size
-        expected = [1, 1 if last_only and self.returns_logits else tokens, width]
+        expected = [1, 1 if last_only else tokens, width]
         if list(output.shape) != expected:
             raise self.failure(f"output of shape {list(output.shape)}, expected {expected}")
         return width

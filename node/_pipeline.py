@@ -162,9 +162,6 @@ class Pipeline:
     def _to_wire(self, x: torch.Tensor) -> Tensor:
         return ids_to_wire(x) if self.hops[0].start == 0 else hidden_to_wire(x, self.config.codec)
 
-    def _last_only(self) -> bool:
-        return self.hops[-1].returns_logits
-
     def _next_step(self) -> int:
         self._step += 1
         return self._step - 1
@@ -181,7 +178,6 @@ class Pipeline:
         """One step across all hops, failing over as needed; returns the last hop's output."""
         step = self._next_step()
         tokens = payload.shape[1] if len(payload.shape) > 1 else 1
-        last_only = self._last_only()
         have: dict[int, Tensor] = {}  # each hop's output, by hop index
         pushed_on: set[int] = set()  # hops whose output went on to their successor by push
         sent: set[int] = set()
@@ -215,6 +211,9 @@ class Pipeline:
                 sent.discard(m)
             if m not in sent and (m == 0 or driven or m - 1 not in pushed_on):
                 inp = payload if m == 0 else have[m - 1]
+                # Only the last hop's last row is read (`Step.last_only`); a pushed step
+                # carries the flag down the chain, where only the last hop heeds it.
+                last_only = not driven or m == len(self.hops) - 1
                 try:
                     await hop.send(step, position, inp, rollback=True, last_only=last_only,
                                    push=not driven and hop.pushing)
@@ -251,9 +250,9 @@ class Pipeline:
                     continue  # already in (a duplicate, or a resent step's first answer)
                 try:  # only the last hop's output is read here; the others are kept
                     if i == final:
-                        last = self.hops[i].check_output(output, tokens, last_only)
+                        last = self.hops[i].check_output(output, tokens, last_only=True)
                     else:
-                        self.hops[i].check_kept(output, tokens, last_only)
+                        self.hops[i].check_kept(output, tokens, last_only=False)
                 except HopFailedError as exc:  # blames the hop that produced it
                     self.hops[i].failed = exc
                     break
@@ -276,13 +275,12 @@ class Pipeline:
 
     async def _push_chunks(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
         n = len(self.hops)
-        last_only = self._last_only()
         steps: list[Kept] = []
         for pos in range(0, x.shape[1], chunk):
             kept = Kept(self._next_step(), pos, self._to_wire(x[:, pos:pos + chunk]))
             try:
                 await self.hops[0].send(kept.step, pos, kept.input, rollback=pos == 0,
-                                        last_only=last_only, push=True)
+                                        last_only=True, push=True)
             except HopFailedError as exc:
                 raise _Restart(self.hops[0], exc) from exc
             steps.append(kept)
@@ -315,10 +313,11 @@ class Pipeline:
                 raise _Restart(hop, exc) from exc
             for i, output in outputs:
                 try:
+                    rows = kept.input.shape[1]
                     if i == n - 1 and kept is steps[-1]:
-                        last = self.hops[i].check_output(output, kept.input.shape[1], last_only)
+                        last = self.hops[i].check_output(output, rows, last_only=True)
                     else:
-                        self.hops[i].check_kept(output, kept.input.shape[1], last_only)
+                        self.hops[i].check_kept(output, rows, last_only=i == n - 1)
                 except HopFailedError as exc:  # blames the hop that produced it
                     raise _Restart(self.hops[i], exc) from exc
                 have[(kept.step, i)] = output

@@ -100,6 +100,12 @@ class SessionOpened(Message):
 class Step(Message):
     """Run the session's stages on `input` at `position` (roll back first if asked).
 
+    `last_only`: the client reads only the last position of what this step gives it. A
+    session ending in the head computes logits for that position alone; a session with no
+    successor (the route's last hop, or any hop the client drives) answers with that
+    position's hidden state alone, which spares a prompt's last leg all its other rows. A hop
+    with a successor always answers every position: its output is the next hop's input.
+
     On a push stream, `relay` says the client does not have `input` yet (its producer sent no
     copy), and `carried` holds the outputs of the hops before that one which the client does
     not have either, oldest first: this hop passes them all on, so they reach the client in

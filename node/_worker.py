@@ -75,6 +75,7 @@ class WorkerSession:
     max_length: int
     codec: str
     cache: KVCache
+    final: bool = True  # no successor: `Step.last_only` leaves one row of its output
     opened: float = field(default_factory=time.monotonic)
     steps: int = 0
     stepping: bool = False  # a step of this session is queued or running
@@ -217,7 +218,7 @@ class SpanWorker:
             raise RefusedError("busy", "KV cache is full", retryable=True)
         cache = span.new_cache(req.max_length, stages=(req.start, req.end))
         session = WorkerSession(req.session_id, req.start, req.end, req.max_length, req.codec,
-                                cache)
+                                cache, final=not req.successor)
         self.sessions[req.session_id] = session
         if self._idle.is_set():
             self._idle = trio.Event()
@@ -322,9 +323,13 @@ class SpanWorker:
                 self._prefill_chunks += 1
         job.done_tokens += tokens
         session.decoding = job.tokens == 1
-        # With `last_only` a head's earlier chunks give nothing the client asked for; hidden
-        # states (which ignore `last_only`) and full logits keep every chunk.
-        if last or not (step.last_only and self.span.returns_logits):
+        # With `last_only` on a head or a hop with no successor, the earlier chunks give
+        # nothing the client asked for, and of the last one only its last row (a head's
+        # logits are that row already). Otherwise every row of every chunk is the answer.
+        one_row = step.last_only and (session.final or session.end == self.span.config.num_stages)
+        if one_row and last:
+            job.parts.append(y[:, -1:])
+        elif not one_row:
             job.parts.append(y)
         if not last:
             return None

@@ -30,11 +30,12 @@ def _worker(folder: Path, start: int, end: int | None = None,
     return SpanWorker(span, model_id=ckpt.model_id, batching=policy, **kw)
 
 
-def _open(w: SpanWorker, sid: int, *, max_length: int = 256,
-          codec: str = "raw") -> WorkerSession:
+def _open(w: SpanWorker, sid: int, *, max_length: int = 256, codec: str = "raw",
+          successor: tuple[str, ...] = ()) -> WorkerSession:
     return w.open(OpenSession(session_id=sid.to_bytes(16, "big"), model_id=w.model_id,
                               start=w.span.start, end=w.span.end, max_length=max_length,
-                              codec=codec))
+                              codec=codec, successor=successor,
+                              successor_session=bytes(16) if successor else b""))
 
 
 def _tensor(out: StepOutput) -> torch.Tensor:
@@ -339,19 +340,43 @@ async def test_a_small_prefill_runs_on_one_thread(
     assert 24 * block < PARALLEL_MIN_MACS and head <= STREAMED_HEAD_MACS and seen == [1]
 
 
-@pytest.mark.parametrize(("end", "last_only"), [(3, True), (6, False)])
-async def test_chunked_prefill_answers_every_position(tiny_model: Path, end: int,
-                                                      last_only: bool) -> None:
-    """Hidden states (which ignore last_only) and full logits keep every chunk's rows."""
+@pytest.mark.parametrize(("end", "last_only", "successor"),
+                         [(3, True, ("/ip4/127.0.0.1/tcp/1",)), (3, False, ()), (6, False, ())])
+async def test_chunked_prefill_answers_every_position(
+    tiny_model: Path, end: int, last_only: bool, successor: tuple[str, ...]
+) -> None:
+    """A hop that pushes on (whatever `last_only` says) and full logits keep every chunk's
+    rows."""
     w = _worker(tiny_model, 0, end, policy=BatchPolicy(prefill_chunk=16))
     whole = _worker(tiny_model, 0, end)
     prompt = _ids(70, seed=5)
     step = _ids_step(0, 0, prompt, last_only=last_only)
-    got = await w.step(_open(w, 1), step)
-    ref = await whole.step(_open(whole, 1), step)
+    got = await w.step(_open(w, 1, successor=successor), step)
+    ref = await whole.step(_open(whole, 1, successor=successor), step)
     assert got.output.shape == ref.output.shape and got.output.shape[1] == 70
     assert torch.allclose(_tensor(got), _tensor(ref), rtol=0, atol=1e-4)
     assert w.statistics().prefill_chunks == 5
+
+
+@pytest.mark.parametrize(("end", "chunk"), [(3, 16), (3, 128), (6, 16)])
+async def test_last_only_without_a_successor_answers_the_last_row(
+    tiny_model: Path, end: int, chunk: int
+) -> None:
+    """The route's last hop (no successor) answers a prompt with its last row alone: all the
+    client reads of it. The row is the one the whole answer ends with."""
+    w = _worker(tiny_model, 0, end, policy=BatchPolicy(prefill_chunk=chunk))
+    whole = _worker(tiny_model, 0, end)
+    prompt = _ids(70, seed=5)
+    got = await w.step(_open(w, 1), _ids_step(0, 0, prompt, last_only=True))
+    ref = await whole.step(_open(whole, 1), _ids_step(0, 0, prompt, last_only=False))
+    assert got.output.shape[1] == 1 and ref.output.shape[1] == 70
+    assert torch.allclose(_tensor(got)[0, 0], _tensor(ref)[0, -1], rtol=0, atol=1e-4)
+    # The cache holds every position all the same: the next step continues from it.
+    nxt = _ids(1, seed=6)
+    got = await w.step(w.sessions[(1).to_bytes(16, "big")], _ids_step(1, 70, nxt, last_only=True))
+    ref = await whole.step(whole.sessions[(1).to_bytes(16, "big")],
+                           _ids_step(1, 70, nxt, last_only=False))
+    assert torch.allclose(_tensor(got)[0, 0], _tensor(ref)[0, -1], rtol=0, atol=1e-4)
 
 
 # -- failures, closes and cancellations ----------------------------------------------------

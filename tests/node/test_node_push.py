@@ -359,3 +359,37 @@ async def test_no_replacement_fails_after_a_bounded_wait_naming_the_stages(
     message = str(info.value)
     assert "\n" not in message
     assert f"no peer serves stages {middle.start}-{middle.end - 1}" in message, message
+
+
+@pytest.mark.parametrize(("push", "chunk"), [("on", 0), ("on", 4), ("off", 0)])
+async def test_the_last_hop_answers_a_prompt_with_its_last_row(
+    tiny_model: Path, loopback_swarm: Any, monkeypatch: pytest.MonkeyPatch, push: str,
+    chunk: int
+) -> None:
+    """The client's head reads only the prompt's last row: the last hop sends no other, and
+    every other hop's output (the next hop's input, kept for failover) stays whole."""
+    from node._pipeline import Pipeline
+
+    rows: dict[int, list[int]] = {}  # hop index -> rows of each output the client got
+    original = Pipeline._outputs
+
+    def counted(self: Pipeline, index: int, reply: Any) -> Any:
+        outputs = original(self, index, reply)
+        for i, t in outputs:
+            rows.setdefault(i, []).append(t.shape[1])
+        return outputs
+
+    monkeypatch.setattr(Pipeline, "_outputs", counted)
+    expected = await _local(tiny_model, PROMPT, 6)
+    with trio.fail_after(60):
+        async with loopback_swarm(tiny_model, SPANS) as net, \
+                Client(bootstrap=[net.bootstrap], model=tiny_model,
+                       config=ClientConfig(codec="raw", push=push, prefill_chunk=chunk,
+                                           route_timeout_s=20)) as client:
+            text = await client.generate_text(PROMPT, max_new_tokens=6)
+            info = client.last
+    assert text == expected and info.failovers == 0 and info.push is (push == "on")
+    prompt = len(PROMPT)  # byte-level tokenizer
+    pieces = [min(chunk, prompt - p) for p in range(0, prompt, chunk)] if chunk else [prompt]
+    assert rows[2] == [1] * (len(pieces) + 5)  # the prompt's pieces, then 5 decode steps
+    assert rows[0] == rows[1] == pieces + [1] * 5
