@@ -222,29 +222,43 @@ def pinned_nodes(cores_per_process: int) -> CommandBuilder:
     return build
 
 
+def wan_links(args: argparse.Namespace) -> list[tuple[int, float]]:
+    """(one-way delay ms, Mbit/s or 0 for no cap) of each link the WAN section emulates: the
+    `--delays` uncapped, then the longest with `--wan-mbps`, where a prompt's bytes count."""
+    links = [(delay, 0.0) for delay in args.delays]
+    if args.wan_mbps > 0 and args.delays:
+        links.append((max(args.delays), args.wan_mbps))
+    return links
+
+
 async def wan(folder: Path, args: argparse.Namespace) -> list[list[object]]:
-    """Push vs client-driven per-token latency, and time to first token, at several one-way
-    delays per leg (a route's open costs no round trip of its own: its first step follows
-    `OpenSession` on every stream, so TTFT is about one pass of legs plus compute)."""
-    ids = prompt_ids(folder, 16)
+    """Push vs client-driven per-token latency, and time to first token, over emulated links
+    (a route's open costs no round trip of its own: its first step follows `OpenSession` on
+    every stream, so TTFT is about one pass of legs plus compute, plus the bytes of the
+    prompt's activations where the link's bandwidth is capped)."""
+    ids = prompt_ids(folder, args.wan_prompt)
     n = args.wan_tokens
     spans = even_spans(Checkpoint.open(folder).config.num_stages)
     rows: list[list[object]] = []
-    for delay_ms in args.delays:
+    for delay_ms, mbps in wan_links(args):
         per_token: dict[str, float] = {}
         ttft: dict[str, float] = {}
+        shaping = ["--link-delay-ms", str(delay_ms)]
+        if mbps:
+            shaping += ["--link-bandwidth-mbps", f"{mbps:g}"]
         with tempfile.TemporaryDirectory(prefix="shardnet-bench-") as root:
-            async with devnet(3, root, folder, spans, args,
-                              "--link-delay-ms", str(delay_ms)) as net:
+            async with devnet(3, root, folder, spans, args, *shaping) as net:
                 for push in ("on", "off"):
                     config = ClientConfig(bootstrap=net.bootstrap_addrs, codec="int8-block",
-                                          push=push, link_delay_s=delay_ms / 1e3)
+                                          push=push, link_delay_s=delay_ms / 1e3,
+                                          link_bandwidth_bps=mbps * 1e6 / 8)
                     async with Client(model=folder, config=config) as client:
                         runs, _ = await client_runs(client, ids, n, args.wan_repeats)
                     ttft[push], rate = best(runs)
                     per_token[push] = 1.0 / rate
-        rows.append([delay_ms, per_token["off"] * 1e3, per_token["on"] * 1e3,
-                     per_token["on"] / per_token["off"], ttft["off"] * 1e3, ttft["on"] * 1e3])
+        rows.append([delay_ms, f"{mbps:g}" if mbps else "-", per_token["off"] * 1e3,
+                     per_token["on"] * 1e3, per_token["on"] / per_token["off"],
+                     ttft["off"] * 1e3, ttft["on"] * 1e3])
     return rows
 
 
@@ -368,10 +382,11 @@ async def main_async(args: argparse.Namespace) -> None:
         print("paired: the median over rounds of the ratio to the engine run of the same round",
               flush=True)
     if "wan" in args.sections:
-        print(f"\nper-token latency, 3 hops, one-way delay per leg, {args.wan_tokens} new "
-              f"tokens, best of {args.wan_repeats} (llama-125m)", flush=True)
-        print(table(["delay ms", "client-driven ms", "push ms", "push / client-driven",
-                     "TTFT client-driven ms", "TTFT push ms"],
+        print(f"\nper-token latency, 3 hops, one-way delay and bandwidth cap per leg, "
+              f"{args.wan_prompt}-token prompt, {args.wan_tokens} new tokens, best of "
+              f"{args.wan_repeats} (llama-125m)", flush=True)
+        print(table(["delay ms", "Mbit/s", "client-driven ms", "push ms",
+                     "push / client-driven", "TTFT client-driven ms", "TTFT push ms"],
                     await wan(random, args)), flush=True)
     if "clients" in args.sections:
         print(f"\nconcurrent clients, aggregate decode tokens/s, {args.new_tokens} new tokens "
@@ -399,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", default="wan,clients,failover")
     p.add_argument("--delays", type=lambda v: [int(x) for x in v.split(",")],
                    default=[0, 10, 50], help="one-way delays per leg, ms")
+    p.add_argument("--wan-mbps", type=float, default=20.0,
+                   help="bandwidth cap of one more WAN row, at the longest delay (0: none)")
+    p.add_argument("--wan-prompt", type=int, default=16, help="prompt tokens in the WAN rows")
     p.add_argument("--wan-tokens", type=int, default=16)
     p.add_argument("--wan-repeats", type=int, default=2)
     p.add_argument("--clients", type=lambda v: [int(x) for x in v.split(",")],
