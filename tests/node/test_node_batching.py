@@ -367,15 +367,15 @@ async def test_last_only_without_a_successor_answers_the_last_row(
     w = _worker(tiny_model, 0, end, policy=BatchPolicy(prefill_chunk=chunk))
     whole = _worker(tiny_model, 0, end)
     prompt = _ids(70, seed=5)
-    got = await w.step(_open(w, 1), _ids_step(0, 0, prompt, last_only=True))
-    ref = await whole.step(_open(whole, 1), _ids_step(0, 0, prompt, last_only=False))
+    session, reference = _open(w, 1), _open(whole, 1)
+    got = await w.step(session, _ids_step(0, 0, prompt, last_only=True))
+    ref = await whole.step(reference, _ids_step(0, 0, prompt, last_only=False))
     assert got.output.shape[1] == 1 and ref.output.shape[1] == 70
     assert torch.allclose(_tensor(got)[0, 0], _tensor(ref)[0, -1], rtol=0, atol=1e-4)
     # The cache holds every position all the same: the next step continues from it.
     nxt = _ids(1, seed=6)
-    got = await w.step(w.sessions[(1).to_bytes(16, "big")], _ids_step(1, 70, nxt, last_only=True))
-    ref = await whole.step(whole.sessions[(1).to_bytes(16, "big")],
-                           _ids_step(1, 70, nxt, last_only=False))
+    got = await w.step(session, _ids_step(1, 70, nxt, last_only=True))
+    ref = await whole.step(reference, _ids_step(1, 70, nxt, last_only=False))
     assert torch.allclose(_tensor(got)[0, 0], _tensor(ref)[0, -1], rtol=0, atol=1e-4)
 
 
