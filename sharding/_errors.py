@@ -11,6 +11,10 @@ class ConfigError(ShardingError):
     """A `config.json` that this engine cannot run (unknown family, bad values)."""
 
 
+class DeviceError(ShardingError):
+    """A device this machine does not have, or a name torch does not know."""
+
+
 class CheckpointError(ShardingError):
     """A checkpoint folder whose tensors do not match its config (missing, wrong shape/dtype)."""
 

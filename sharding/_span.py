@@ -22,7 +22,7 @@ from torch import nn
 from sharding import _row as row
 from sharding._checkpoint import Checkpoint
 from sharding._config import ModelConfig
-from sharding._errors import PositionError, SpanError
+from sharding._errors import DeviceError, PositionError, SpanError
 from sharding._kvcache import KVCache
 from sharding._model import (
     Block,
@@ -37,10 +37,28 @@ _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    """The device to compute on: `name` if given, else CUDA when present, else the CPU."""
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device to compute on: `name` if given, else CUDA when present, else the CPU.
+
+    A named device is checked here, where the user named it: torch would only fail at the
+    first tensor moved there, deep in a load, with an error that does not name the flag.
+
+    Raises:
+        DeviceError: `name` is not a device, or names a CUDA device this machine lacks.
+    """
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"not a device: {name!r} (try cpu, cuda or cuda:1)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"device {name!r}: this machine has no CUDA device that torch "
+                              f"{torch.__version__} can use")
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"device {name!r}: this machine has {count} CUDA device(s)")
+    return device
 
 
 def compute_dtype(config_dtype: str, device: torch.device) -> torch.dtype:

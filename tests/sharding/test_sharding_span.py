@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from sharding import Checkpoint, PositionError, Span, SpanError
+from sharding import Checkpoint, DeviceError, PositionError, Span, SpanError, pick_device
 
 Factory = Callable[..., tuple[Any, Path]]
 
@@ -157,3 +157,12 @@ def test_a_sub_range_of_a_span_runs_like_a_span_of_its_own(hf_checkpoint: Factor
             big(h[:, :1], cache, stages=(1, 4))
     with pytest.raises(SpanError, match="not inside this span"):
         Span.load(folder, 1, 3).new_cache(4, stages=(0, 2))
+
+
+def test_pick_device_checks_the_name_it_is_given() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(DeviceError, match="not a device: 'warp9'"):
+        pick_device("warp9")
+    with pytest.raises(DeviceError, match="'cuda:99'"):
+        pick_device("cuda:99")
