@@ -47,7 +47,9 @@ from devnet._topology import (
     remove_topology,
     write_topology,
 )
+from node._errors import sole_error
 from node._node_cli import non_negative
+from sharding import ShardingError
 
 DEFAULT_DIR = Path(tempfile.gettempdir()) / "shardnet-devnet"
 _WATCH_INTERVAL = 0.5
@@ -141,7 +143,7 @@ def _node_index(text: str) -> int | None:
     return index
 
 
-def _error(exc: DevnetError) -> int:
+def _error(exc: BaseException) -> int:
     print(f"devnet: error: {exc}", file=sys.stderr)
     return 1
 
@@ -149,8 +151,11 @@ def _error(exc: DevnetError) -> int:
 def _run(async_fn: Callable[[], Any]) -> int:
     try:
         return int(trio.run(async_fn))
-    except DevnetError as exc:
-        return _error(exc)
+    except Exception as exc:  # a devnet's or a model folder's error, maybe in a group of one
+        cause = sole_error(exc)
+        if not isinstance(cause, (DevnetError, ShardingError)):
+            raise
+        return _error(cause)
 
 
 # --- up ------------------------------------------------------------------------------------

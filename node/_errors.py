@@ -45,3 +45,16 @@ class SessionRefusedError(HopFailedError):
     def __init__(self, peer_id: str, refusal: RefusedError) -> None:
         super().__init__(peer_id, f"refused the session: {refusal}")
         self.refusal = refusal
+
+
+def sole_error(exc: BaseException) -> BaseException:
+    """`exc`, or the one error it wraps in exception groups of one member each.
+
+    trio's nurseries wrap what escapes them in an `ExceptionGroup`, so a command's own error
+    (say a checkpoint folder without `config.json`, found inside the daemon's nursery) reaches
+    the command line as a group of one. The command line prints that one error's message in
+    a line; a group of several, or anything it does not expect, stays a traceback.
+    """
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from node._errors import NodeError
+from node._errors import NodeError, sole_error
 from node._worker import ServerLimits
+from p2p import P2PError
+from sharding import ShardingError
 
 if TYPE_CHECKING:
     from node._daemon import NodeConfig
@@ -68,6 +70,17 @@ def add_node_parser(sub: Any) -> None:
                            help="seconds between checks whether an auto span should move "
                                 "(default 30; 0 = never move)")
         p.set_defaults(func=_run)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (thread counts, token counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text!r}")
+    return value
 
 
 def non_negative(text: str) -> float:
@@ -132,7 +145,10 @@ def _run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         role = "node" if args.role == "run" else "bootstrap"
         trio.run(lambda: run_node(config, role=role))
-    except (NodeError, ValueError, OSError) as exc:
-        print(f"shardnet node: {exc}", file=sys.stderr)
+    except Exception as exc:
+        cause = sole_error(exc)
+        if not isinstance(cause, (NodeError, ShardingError, P2PError, ValueError, OSError)):
+            raise
+        print(f"shardnet node: {cause}", file=sys.stderr)
         return 1
     return 0

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from node._errors import sole_error
 from sharding import EMBEDDED_MODEL
 
 if TYPE_CHECKING:
@@ -25,8 +26,10 @@ if TYPE_CHECKING:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
+    from node._node_cli import positive_int
+
     p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -58,8 +61,12 @@ def _generate(args: argparse.Namespace) -> int:
     from node._generate import GenerationStats
     from node._textgen import LocalModel
 
+    try:
+        params = _params(args)
+    except ValueError as exc:  # the sampling flags, checked together by SamplingParams
+        print(f"shardnet generate: {exc}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
-    params = _params(args)
     if args.local:
         model = LocalModel(args.model, device=args.device, threads=args.threads)
         stats = GenerationStats()
@@ -154,13 +161,15 @@ async def _demo_async(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `shardnet` console script."""
+    from node._node_cli import add_node_parser, non_negative, positive_int
+
     parser = argparse.ArgumentParser(prog="shardnet", description="Run LLMs across peers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="the main job: generate through a chain of spans")
     demo.add_argument("--model", type=Path, default=EMBEDDED_MODEL)
     demo.add_argument("--prompt", default="The list type")
-    demo.add_argument("--max-new-tokens", type=int, default=120)
+    demo.add_argument("--max-new-tokens", type=positive_int, default=120)
     demo.add_argument("--codec", default="int8-block", choices=["raw", "fp16", "int8-block"])
     demo.set_defaults(func=_demo)
 
@@ -171,14 +180,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--devnet", type=Path, default=Path(tempfile.gettempdir())
                      / "shardnet-devnet", help="use this devnet's bootstrap when no --bootstrap")
     gen.add_argument("--codec", default="int8-block", choices=["raw", "fp16", "int8-block"])
-    gen.add_argument("--route-timeout", type=float, default=30.0)
+    gen.add_argument("--route-timeout", type=non_negative, default=30.0,
+                     help="seconds to wait for peers that serve every stage")
     gen.add_argument("--model", type=Path, default=EMBEDDED_MODEL)
-    gen.add_argument("--device", default=None)
-    gen.add_argument("--threads", type=int, default=2)
+    gen.add_argument("--device", default=None, help="with --local: cpu, cuda, cuda:1")
+    gen.add_argument("--threads", type=positive_int, default=2)
     gen.set_defaults(func=_generate)
 
     from devnet.cli import add_devnet_parser
-    from node._node_cli import add_node_parser
 
     add_node_parser(sub)
     add_devnet_parser(sub)
@@ -187,7 +196,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     # of the streamed text. Our own problems are reported as one-line errors instead.
     for noisy in ("libp2p", "multiaddr", "async_service"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except Exception as exc:
+        cause = sole_error(exc)
+        if not isinstance(cause, _user_errors()):
+            raise
+        print(f"shardnet {args.command}: {cause}", file=sys.stderr)
+        return 1
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What a command may fail with on bad input or a broken network: a line, no traceback
+    (a bad `--model` folder, an unknown device, a peer that cannot be dialled)."""
+    from devnet import DevnetError
+    from node._errors import NodeError
+    from p2p import P2PError
+    from sharding import ShardingError
+
+    return (DevnetError, NodeError, P2PError, ShardingError)
 
 
 if __name__ == "__main__":
