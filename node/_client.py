@@ -35,7 +35,7 @@ import torch
 import trio
 
 from node._errors import GenerationError, HopFailedError, RefusedError
-from node._generate import Forward, GenerationStats, generate_ids, stream_text
+from node._generate import Forward, GenerationStats, check_positions, generate_ids, stream_text
 from node._local import LocalStages, SharedHead
 from node._pipeline import Pipeline, prefer_push
 from node._protocol import PROTOCOL
@@ -252,10 +252,7 @@ class Client:
     async def _pipeline(self, max_length: int, tokens: int,
                         info: RunInfo) -> AsyncIterator[Forward]:
         """Route, open every hop, and yield the `forward` of the generation loop."""
-        if max_length > self.model_config.max_position_embeddings:
-            raise GenerationError(
-                f"prompt ({tokens} tokens) + new tokens ({max_length - tokens}) exceeds "
-                f"the model's {self.model_config.max_position_embeddings} positions")
+        check_positions(tokens, max_length - tokens, self.model_config.max_position_embeddings)
         embed = head = None
         if self._embed is not None and self._head is not None:
             n = self.model_config.num_stages

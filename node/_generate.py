@@ -43,6 +43,17 @@ class GenerationStats:
         return (self.new_tokens - 1) / decode if self.new_tokens > 1 and decode > 0 else 0.0
 
 
+def check_positions(prompt_tokens: int, new_tokens: int, positions: int) -> None:
+    """Refuse a generation that would run past the model's positions, before any work.
+
+    Raises:
+        GenerationError: the prompt and the new tokens together need more than `positions`.
+    """
+    if prompt_tokens + new_tokens > positions:
+        raise GenerationError(f"prompt ({prompt_tokens} tokens) + new tokens ({new_tokens}) "
+                              f"exceeds the model's {positions} positions")
+
+
 async def generate_ids(
     forward: Forward, prompt_ids: Sequence[int], sampler: Sampler, *, eos_id: int | None,
     stats: GenerationStats | None = None,

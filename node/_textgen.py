@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from node._generate import GenerationStats, generate_text
+from node._generate import GenerationStats, check_positions, generate_text
 from node._local import LocalStages
 from node._sampling import SamplingParams
 from sharding import Checkpoint, Span, Tokenizer
@@ -48,7 +48,10 @@ class LocalModel:
     async def generate(self, prompt: str, params: SamplingParams,
                        stats: GenerationStats | None = None) -> AsyncGenerator[str, None]:
         """Stream text for `prompt` (sampling as the network client does)."""
-        max_length = len(self.tokenizer.encode(prompt)) + params.max_new_tokens
+        tokens = len(self.tokenizer.encode(prompt))
+        check_positions(tokens, params.max_new_tokens,
+                        self.checkpoint.config.max_position_embeddings)
+        max_length = tokens + params.max_new_tokens
         stages = LocalStages(self.span, max_length=max_length, threads=self.threads)
         pieces = generate_text(stages.forward, self.tokenizer, prompt, params,
                                eos_id=self.eos_id, stats=stats)

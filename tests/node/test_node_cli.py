@@ -11,7 +11,7 @@ import trio
 from devnet import cli as devnet_cli
 from node._errors import sole_error
 from node.cli import main
-from sharding import CheckpointError
+from sharding import EMBEDDED_MODEL, Checkpoint, CheckpointError
 
 
 def one_line(err: str) -> str:
@@ -52,6 +52,20 @@ def test_a_folder_without_a_model_is_one_line(
     assert one_line(capsys.readouterr().err) == f"shardnet generate: {tmp_path}: no config.json"
     assert main(["demo", "--model", str(tmp_path)]) == 1
     assert one_line(capsys.readouterr().err) == f"shardnet demo: {tmp_path}: no config.json"
+
+
+def test_a_prompt_past_the_models_positions_is_one_line(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same words on the local path as through the network (the client's check)."""
+    positions = Checkpoint.open(EMBEDDED_MODEL).config.max_position_embeddings
+    prompt = "word " * positions
+    assert main(["generate", "--local", "--max-new-tokens", "5", prompt]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("shardnet generate: prompt (")
+    assert line.endswith(f"+ new tokens (5) exceeds the model's {positions} positions")
+    assert main(["generate", "--local", ""]) == 1
+    assert one_line(capsys.readouterr().err) == "shardnet generate: the prompt is empty"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
