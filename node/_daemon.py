@@ -156,6 +156,11 @@ class NodeConfig:
         if self.packed_weights not in PACKED_WEIGHTS:
             raise ValueError(f"packed_weights must be one of {', '.join(PACKED_WEIGHTS)}, "
                              f"got {self.packed_weights!r}")
+        for name in ("threads", "prefill_threads"):
+            value = getattr(self, name)
+            if not (value is None and name == "prefill_threads") \
+                    and not (_is_int(value) and value >= 1):
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
     @classmethod
     def from_toml(cls, path: Path, **overrides: Any) -> NodeConfig:
@@ -168,6 +173,7 @@ class NodeConfig:
         unknown = set(raw) - known - {"max_sessions", "max_cache_tokens", "max_length"}
         if unknown:
             raise NodeError(f"{path}: unknown keys {', '.join(sorted(unknown))}")
+        _check_toml_types(path, raw)
         limits = ServerLimits(**{k: raw.pop(k) for k in ("max_sessions", "max_cache_tokens",
                                                           "max_length") if k in raw})
         values: dict[str, Any] = {"limits": limits, **raw, **overrides}
@@ -188,6 +194,31 @@ class NodeConfig:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What a TOML value must be, by key, where `NodeConfig` would take a wrong type without a word
+# (a string for `bootstrap` would become a tuple of its characters) or fail with a TypeError.
+_TOML_TYPES: dict[str, tuple[str, Callable[[object], bool]]] = {
+    **{k: ("a string", lambda v: isinstance(v, str))
+       for k in ("data_dir", "model", "span", "packed_weights", "device")},
+    **{k: ("an integer", _is_int)
+       for k in ("memory_budget_bytes", "threads", "prefill_threads", "max_sessions",
+                 "max_cache_tokens", "max_length")},
+    **{k: ("a list of strings", lambda v: isinstance(v, list)
+           and all(isinstance(a, str) for a in v)) for k in ("listen", "bootstrap")},
+    "mdns": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def _check_toml_types(path: Path, raw: dict[str, Any]) -> None:
+    for key, value in raw.items():
+        expected = _TOML_TYPES.get(key)
+        if expected is not None and not expected[1](value):
+            raise NodeError(f"{path}: {key} must be {expected[0]}, got {value!r}")
 
 
 def parse_span(text: str, num_stages: int) -> tuple[int, int] | None:

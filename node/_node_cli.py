@@ -54,17 +54,18 @@ def add_node_parser(sub: Any) -> None:
             p.add_argument("--model", type=Path, help="checkpoint folder (default: embedded)")
             p.add_argument("--span", help="'auto' (default) or a:b")
             p.add_argument("--memory-budget", type=parse_size, help="e.g. 4GB")
-            p.add_argument("--threads", type=int, help="torch threads for decode (default 1)")
-            p.add_argument("--prefill-threads", type=int,
+            p.add_argument("--threads", type=positive_int,
+                           help="torch threads for decode (default 1)")
+            p.add_argument("--prefill-threads", type=positive_int,
                            help="torch threads for prefill chunks (default: every core)")
             p.add_argument("--packed-weights", choices=("auto", "on", "off"),
                            help="also hold the span's matrices in oneDNN's layout: much faster "
                                 "batches and prefill for twice the weights' memory (default "
                                 "auto: when the memory budget has room)")
             p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if present)")
-            p.add_argument("--max-sessions", type=int)
-            p.add_argument("--max-cache-tokens", type=int)
-            p.add_argument("--max-length", type=int)
+            p.add_argument("--max-sessions", type=positive_int)
+            p.add_argument("--max-cache-tokens", type=positive_int)
+            p.add_argument("--max-length", type=positive_int)
             p.add_argument("--grace", type=float, help="seconds open sessions may finish")
             p.add_argument("--rebalance-interval", type=non_negative,
                            help="seconds between checks whether an auto span should move "

@@ -61,8 +61,9 @@ class ServerLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_sessions", "max_cache_tokens", "max_length", "max_step_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 @dataclass(slots=True)

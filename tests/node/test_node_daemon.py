@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from node._client import Client, ClientConfig
 from node._daemon import NodeConfig, default_prefill_threads, should_pack
 from node._errors import NodeError
 from node._node_cli import add_node_parser, config_from_args
+from node._worker import ServerLimits
 
 
 def parse(*argv: str) -> NodeConfig:
@@ -62,6 +64,37 @@ def test_bad_values_are_refused(tmp_path: Path) -> None:
     toml.write_text("link_delay_ms = 5\n")  # keys are field names; the unit is in the name
     with pytest.raises(NodeError, match="unknown keys link_delay_ms"):
         NodeConfig.from_toml(toml, data_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("toml", "says"), [
+    ('threads = "many"\n', "threads must be an integer, got 'many'"),
+    ('bootstrap = "/ip4/127.0.0.1/tcp/1/p2p/x"\n', "bootstrap must be a list of strings"),
+    ("listen = [4001]\n", "listen must be a list of strings"),
+    ('mdns = "no"\n', "mdns must be true or false"),
+    ("max_length = 1.5\n", "max_length must be an integer, got 1.5"),
+    ("memory_budget_bytes = true\n", "memory_budget_bytes must be an integer"),
+    ("span = 3\n", "span must be a string"),
+])
+def test_toml_values_of_the_wrong_type_are_refused(
+    tmp_path: Path, toml: str, says: str
+) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(toml)
+    with pytest.raises(NodeError, match=re.escape(f"{path}: {says}")):
+        NodeConfig.from_toml(path, data_dir=tmp_path)
+
+
+def test_thread_counts_and_limits_below_one_are_refused(tmp_path: Path) -> None:
+    for flag in ("--threads", "--prefill-threads", "--max-sessions", "--max-cache-tokens",
+                 "--max-length"):
+        with pytest.raises(SystemExit):
+            parse("run", "--data-dir", "/d", flag, "0")
+    for bad in ({"threads": 0}, {"prefill_threads": 0}, {"threads": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            NodeConfig(data_dir=tmp_path, **bad)
+    assert NodeConfig(data_dir=tmp_path, prefill_threads=None).prefill_threads is None
+    with pytest.raises(ValueError, match="max_length must be a positive int, got 0"):
+        ServerLimits(max_length=0)
 
 
 def test_a_packed_copy_is_held_only_with_memory_to_spare(tmp_path: Path) -> None:
