@@ -151,9 +151,9 @@ def _error(exc: BaseException) -> int:
 def _run(async_fn: Callable[[], Any]) -> int:
     try:
         return int(trio.run(async_fn))
-    except Exception as exc:  # a devnet's or a model folder's error, maybe in a group of one
-        cause = sole_error(exc)
-        if not isinstance(cause, (DevnetError, ShardingError)):
+    except Exception as exc:  # a devnet's, a model folder's or a --dir's error, maybe in a
+        cause = sole_error(exc)  # group of one
+        if not isinstance(cause, (DevnetError, ShardingError, OSError)):
             raise
         return _error(cause)
 

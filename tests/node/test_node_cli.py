@@ -104,6 +104,16 @@ def test_the_devnet_command_reports_a_model_error_from_its_nursery_in_a_line(
     assert one_line(capsys.readouterr().err) == "devnet: error: /models/x: no config.json"
 
 
+def test_a_devnet_folder_that_cannot_be_made_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert main(["devnet", "up", "--nodes", "1", "--dir", str(a_file / "devnet")]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("devnet: error: [Errno 20] Not a directory")
+
+
 def test_sole_error_unwraps_groups_of_one_only() -> None:
     leaf = ValueError("the one")
     nested = ExceptionGroup("outer", [ExceptionGroup("inner", [leaf])])
