@@ -237,8 +237,13 @@ class Client:
                     error = exc
                 await swarm.wait_changed()
         missing = format_stages(error.missing_stages) if error is not None else "?"
+        # Told apart for the user: a swarm that lacks the stages, or no swarm reached at all
+        # (a dead bootstrap, a devnet that is down).
+        alone = self._host is not None and not self._host.connected_peers()
+        hint = f" (connected to no peer; bootstrap: {_bootstraps(self.config.bootstrap)})" \
+            if alone else ""
         raise GenerationError(f"no peer serves stages {missing} of model {self.model_id[:12]} "
-                              f"after {self.config.route_timeout_s:.0f} s") from error
+                              f"after {self.config.route_timeout_s:.0f} s{hint}") from error
 
     # -- generation --------------------------------------------------------------------------
 
@@ -353,3 +358,10 @@ def _read_json(path: Path) -> dict[str, object]:
     if not isinstance(data, dict):
         raise GenerationError(f"{path}: not a JSON object")
     return data
+
+
+def _bootstraps(addrs: tuple[str, ...]) -> str:
+    """The bootstrap addresses for a message: the first, and how many more."""
+    if not addrs:
+        return "none given"
+    return addrs[0] + (f" and {len(addrs) - 1} more" if len(addrs) > 1 else "")

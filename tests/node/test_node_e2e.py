@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from node import GenerationError
 from node._client import Client, ClientConfig
 from node._sampling import SamplingParams
 from node._textgen import LocalModel
+from p2p import Identity
 
 
 async def _local(model: Path, prompt: str, params: SamplingParams) -> str:
@@ -70,8 +72,24 @@ async def test_missing_stages_are_named_after_a_bounded_wait(
         async with loopback_swarm(tiny_model, ["0:3"]) as net, \
                 Client(bootstrap=[net.bootstrap], model=tiny_model,
                        config=ClientConfig(route_timeout_s=2)) as client:
-            with pytest.raises(GenerationError, match="no peer serves stages 3-4"):
+            with pytest.raises(GenerationError, match="no peer serves stages 3-4") as info:
                 await client.generate_text("x", max_new_tokens=4)
+    assert "connected to no peer" not in str(info.value)  # the swarm was reached
+
+
+async def test_a_bootstrap_nobody_answers_at_is_named(tiny_model: Path) -> None:
+    """A dead bootstrap (a devnet that is down) reads differently from a swarm that lacks
+    the stages: the client reached no peer at all."""
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = f"/ip4/127.0.0.1/tcp/{port}/p2p/{Identity.generate().peer_id}"
+    with trio.fail_after(30):
+        async with Client(bootstrap=[dead], model=tiny_model,
+                          config=ClientConfig(route_timeout_s=1)) as client:
+            with pytest.raises(GenerationError) as info:
+                await client.generate_text("x", max_new_tokens=4)
+    assert str(info.value).endswith(f"(connected to no peer; bootstrap: {dead})")
 
 
 async def test_prompt_longer_than_the_model_is_refused(
