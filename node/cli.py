@@ -192,10 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_node_parser(sub)
     add_devnet_parser(sub)
     args = parser.parse_args(argv)
-    # py-libp2p logs routine DHT chatter as warnings; in a terminal it would land in the middle
-    # of the streamed text. Our own problems are reported as one-line errors instead.
+    # py-libp2p logs routine DHT chatter as warnings and every failed dial as an error (a dead
+    # bootstrap: a dozen lines a second); in a terminal they would land in the middle of the
+    # streamed text. Our own problems are reported as one-line errors instead. (`node run`
+    # keeps py-libp2p's errors in its log: `_node_cli`.)
     for noisy in ("libp2p", "multiaddr", "async_service"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     try:
         return int(args.func(args))
     except Exception as exc:
