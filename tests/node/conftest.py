@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import pytest
 import trio
 
 from node._daemon import NodeConfig, RunningNode, run_node
+from p2p import Identity
 
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 
@@ -60,3 +62,12 @@ def loopback_swarm(tmp_path: Path) -> SwarmFactory:
             nursery.cancel_scope.cancel()
 
     return make
+
+
+@pytest.fixture
+def dead_bootstrap() -> str:
+    """A bootstrap address nobody answers at: a loopback port nobody listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"/ip4/127.0.0.1/tcp/{port}/p2p/{Identity.generate().peer_id}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,6 @@ import trio
 from devnet import cli as devnet_cli
 from node._errors import sole_error
 from node.cli import main
-from p2p import Identity
 from sharding import EMBEDDED_MODEL, Checkpoint, CheckpointError
 
 
@@ -118,20 +116,18 @@ def test_a_devnet_folder_that_cannot_be_made_is_one_line(
     assert line.startswith("devnet: error: [Errno 20] Not a directory")
 
 
-def test_a_dead_bootstrap_is_one_line_in_a_terminal(tmp_path: Path) -> None:
+def test_a_dead_bootstrap_is_one_line_in_a_terminal(
+    tmp_path: Path, dead_bootstrap: str
+) -> None:
     """In its own process: py-libp2p's failed dials would reach the terminal through logging's
     last-resort handler, which pytest's own log handlers hide in-process."""
-    with socket.socket() as s:  # a loopback port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dead = f"/ip4/127.0.0.1/tcp/{port}/p2p/{Identity.generate().peer_id}"
-    argv = ["generate", "--bootstrap", dead, "--route-timeout", "1", "a prompt"]
+    argv = ["generate", "--bootstrap", dead_bootstrap, "--route-timeout", "1", "a prompt"]
     done = subprocess.run(
         [sys.executable, "-c", f"from node.cli import main; raise SystemExit(main({argv!r}))"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
     assert done.returncode == 1
     assert done.stdout.strip() == ""
-    assert one_line(done.stderr).endswith(f"(connected to no peer; bootstrap: {dead})")
+    assert one_line(done.stderr).endswith(f"(connected to no peer; bootstrap: {dead_bootstrap})")
 
 
 def test_sole_error_unwraps_groups_of_one_only() -> None:

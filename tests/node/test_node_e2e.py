@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,6 @@ from node import GenerationError
 from node._client import Client, ClientConfig
 from node._sampling import SamplingParams
 from node._textgen import LocalModel
-from p2p import Identity
 
 
 async def _local(model: Path, prompt: str, params: SamplingParams) -> str:
@@ -77,19 +75,17 @@ async def test_missing_stages_are_named_after_a_bounded_wait(
     assert "connected to no peer" not in str(info.value)  # the swarm was reached
 
 
-async def test_a_bootstrap_nobody_answers_at_is_named(tiny_model: Path) -> None:
+async def test_a_bootstrap_nobody_answers_at_is_named(
+    tiny_model: Path, dead_bootstrap: str
+) -> None:
     """A dead bootstrap (a devnet that is down) reads differently from a swarm that lacks
     the stages: the client reached no peer at all."""
-    with socket.socket() as s:  # a loopback port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dead = f"/ip4/127.0.0.1/tcp/{port}/p2p/{Identity.generate().peer_id}"
     with trio.fail_after(30):
-        async with Client(bootstrap=[dead], model=tiny_model,
+        async with Client(bootstrap=[dead_bootstrap], model=tiny_model,
                           config=ClientConfig(route_timeout_s=1)) as client:
             with pytest.raises(GenerationError) as info:
                 await client.generate_text("x", max_new_tokens=4)
-    assert str(info.value).endswith(f"(connected to no peer; bootstrap: {dead})")
+    assert str(info.value).endswith(f"(connected to no peer; bootstrap: {dead_bootstrap})")
 
 
 async def test_prompt_longer_than_the_model_is_refused(
