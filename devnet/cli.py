@@ -148,12 +148,16 @@ def _error(exc: BaseException) -> int:
     return 1
 
 
+# A devnet's, a model folder's or a --dir's error: reported in a line.
+_EXPECTED = (DevnetError, ShardingError, OSError)
+
+
 def _run(async_fn: Callable[[], Any]) -> int:
     try:
         return int(trio.run(async_fn))
-    except Exception as exc:  # a devnet's, a model folder's or a --dir's error, maybe in a
-        cause = sole_error(exc)  # group of one
-        if not isinstance(cause, (DevnetError, ShardingError, OSError)):
+    except (*_EXPECTED, ExceptionGroup) as exc:  # maybe in a group of one
+        cause = sole_error(exc)
+        if not isinstance(cause, _EXPECTED):
             raise
         return _error(cause)
 

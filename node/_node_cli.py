@@ -135,6 +135,10 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     return config
 
 
+# What a daemon may fail with on bad flags, config or environment: reported in a line.
+_EXPECTED = (NodeError, ShardingError, P2PError, ValueError, OSError)
+
+
 def _run(args: argparse.Namespace) -> int:
     from node._daemon import run_node
 
@@ -146,9 +150,9 @@ def _run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         role = "node" if args.role == "run" else "bootstrap"
         trio.run(lambda: run_node(config, role=role))
-    except Exception as exc:
+    except (*_EXPECTED, ExceptionGroup) as exc:
         cause = sole_error(exc)
-        if not isinstance(cause, (NodeError, ShardingError, P2PError, ValueError, OSError)):
+        if not isinstance(cause, _EXPECTED):
             raise
         print(f"shardnet node: {cause}", file=sys.stderr)
         return 1

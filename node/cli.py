@@ -198,11 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # keeps py-libp2p's errors in its log: `_node_cli`.)
     for noisy in ("libp2p", "multiaddr", "async_service"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    expected = _user_errors()
+    caught: tuple[type[Exception], ...] = (*expected, ExceptionGroup)
     try:
         return int(args.func(args))
-    except Exception as exc:
+    except caught as exc:
         cause = sole_error(exc)
-        if not isinstance(cause, _user_errors()):
+        if not isinstance(cause, expected):
             raise
         print(f"shardnet {args.command}: {cause}", file=sys.stderr)
         return 1
