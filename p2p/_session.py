@@ -312,7 +312,11 @@ class SessionStream:
                 continue
             if event is SessionEvent.CLOSED:
                 return True
-            self._inbox_send.send_nowait(event)
+            # Closed here (`aclose`, `abort`, a failure) while the stream still reads: a yamux
+            # close is a half-close, and the peer may have sent this before our goodbye
+            # reached it. Nobody is left to read it.
+            with contextlib.suppress(trio.ClosedResourceError):
+                self._inbox_send.send_nowait(event)
 
     async def _watchdog(self) -> None:
         while True:

@@ -162,3 +162,39 @@ async def test_receive_after_local_close() -> None:
             await a.receive()
         with pytest.raises(StreamClosedError):
             await a.send(Step(seq=1))
+
+
+class _HalfClosing(trio.abc.Stream):
+    """Closing sends EOF and keeps reading, as a yamux stream's close does."""
+
+    def __init__(self, send: trio.abc.SendStream, receive: trio.abc.ReceiveStream) -> None:
+        self._send, self._receive = send, receive
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._send.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._send.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._receive.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._send.aclose()
+
+
+async def test_messages_arriving_after_a_local_close_are_dropped() -> None:
+    """A peer that sent its next message before our goodbye reached it: the message lands
+    after our close, on a stream that still reads. It has no reader left here; it must not
+    fail the session's reader (it did, with `ClosedResourceError`, in CI)."""
+    a_to_b_send, a_to_b_recv = trio.testing.memory_stream_one_way_pair()
+    b_to_a_send, b_to_a_recv = trio.testing.memory_stream_one_way_pair()
+    a_end = TrioByteStream(trio.StapledStream(a_to_b_send, b_to_a_recv), remote_peer=PEER)
+    b_end = TrioByteStream(_HalfClosing(b_to_a_send, a_to_b_recv), remote_peer=PEER)
+    async with session_context(a_end, config=CONFIG) as a, \
+            session_context(b_end, config=CONFIG) as b:
+        await b.aclose()
+        await a.send(Step(seq=1))  # written before a reads b's goodbye
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(StreamClosedError):
+            await b.receive()
