@@ -34,6 +34,7 @@ from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service.exceptions import LifecycleError
 
 from p2p._errors import LocalProtocolError
 from p2p._peer_id import InvalidPeerIdError, PeerId
@@ -114,11 +115,18 @@ class _GossipSub(GossipSub):
 
 
 class SafePubsub(Pubsub):
-    """Pubsub whose stream reader survives a peer's undecodable RPC.
+    """Pubsub whose stream reader survives a peer's undecodable RPC and our own shutdown.
 
     py-libp2p 0.8.1 lets ``DecodeError`` escape ``continuously_read_stream``; it ends the
     connection's task group and with it the whole host: one garbled or hostile message
     killed a node. Here it costs that peer's pubsub stream only.
+
+    The reader is a task of the *connection*, not of the pubsub service, so it keeps
+    reading while the service stops. A subscription or message arriving after the
+    service's task nursery has closed, but before the service reports itself finished,
+    makes ``manager.run_task`` raise ("Nursery is closed to new arrivals"), and that too
+    tore down the host on its way out (a CI failure, at a client's close). Once the
+    service is cancelled the stream is simply closed.
     """
 
     async def continuously_read_stream(self, stream: INetStream) -> None:
@@ -127,6 +135,11 @@ class SafePubsub(Pubsub):
         except DecodeError as exc:
             logger.warning("pubsub: undecodable RPC from %s, stream reset: %s",
                            stream.muxed_conn.peer_id, exc)
+            await stream.reset()
+        except (RuntimeError, LifecycleError):
+            if not self.manager.is_cancelled:
+                raise
+            logger.debug("pubsub: stopped; stream from %s dropped", stream.muxed_conn.peer_id)
             await stream.reset()
 
 

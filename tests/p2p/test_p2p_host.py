@@ -23,6 +23,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.pubsub.pb import rpc_pb2
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 from multiaddr import Multiaddr
 
@@ -49,6 +50,7 @@ from p2p import (
     open_host,
     parse_peer_addr,
 )
+from p2p._pubsub import GossipConfig, SafePubsub, make_gossipsub
 
 REPO = Path(__file__).resolve().parents[2]
 PEER_SCRIPT = Path(__file__).with_name("p2p_peer_proc.py")
@@ -214,6 +216,62 @@ async def test_garbage_gossip_costs_the_sender_its_stream_not_the_host(
             assert await a.request(b.peer_id, ECHO, Query(text="alive")) == Answer(
                 text="ALIVE", asker=str(a.peer_id))
     assert "undecodable RPC" in caplog.text
+
+
+class _ClosedNurseryManager:
+    """A pubsub service's manager whose task nursery has closed while it still reports
+    itself running: cancelled (stopping), or not (a real failure)."""
+
+    is_running = True
+
+    def __init__(self, *, cancelled: bool) -> None:
+        self.is_cancelled = cancelled
+
+    def run_task(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("Nursery is closed to new arrivals")
+
+
+class _OneRpcStream:
+    """A /meshsub stream that delivers one varint-prefixed RPC, then waits."""
+
+    def __init__(self, rpc: bytes, peer: ID) -> None:
+        self._buffer = bytes([len(rpc)]) + rpc
+        self.muxed_conn = dataclasses.make_dataclass("Conn", ["peer_id"])(peer)
+        self.was_reset = False
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._buffer:
+            await trio.sleep_forever()
+        chunk, self._buffer = self._buffer[:n], self._buffer[n:]
+        return chunk
+
+    async def reset(self) -> None:
+        self.was_reset = True
+
+
+async def test_a_subscription_arriving_while_pubsub_stops_closes_its_stream_only() -> None:
+    # The connection's reader outlives the pubsub service; a subscription arriving in the
+    # moment its task nursery has closed made run_task raise, and took the host down with it.
+    rpc = rpc_pb2.RPC(subscriptions=[rpc_pb2.RPC.SubOpts(subscribe=True, topicid="t")])
+
+    def pubsub(*, cancelled: bool) -> SafePubsub:
+        ps = SafePubsub(new_host(key_pair=create_new_key_pair()),
+                        make_gossipsub(GossipConfig()))
+        ps._manager = _ClosedNurseryManager(cancelled=cancelled)  # type: ignore[assignment]
+        return ps
+
+    stopping = pubsub(cancelled=True)
+    peer = ID.from_pubkey(create_new_key_pair().public_key)
+    stream = _OneRpcStream(rpc.SerializeToString(), peer)
+    with trio.fail_after(10):
+        await stopping.continuously_read_stream(stream)  # type: ignore[arg-type]
+    assert stream.was_reset
+    assert stopping.peer_topics["t"] == {peer}
+
+    running = pubsub(cancelled=False)  # a running service's failure is not hidden
+    with trio.fail_after(10), pytest.raises(RuntimeError, match="closed to new arrivals"):
+        await running.continuously_read_stream(
+            _OneRpcStream(rpc.SerializeToString(), peer))  # type: ignore[arg-type]
 
 
 async def test_plaintext_only_dialer_is_refused() -> None:
